@@ -1,0 +1,182 @@
+"""The ESD objective and its one compiled, data-parallel training step.
+
+Gandikota et al., "Erasing Concepts from Diffusion Models" (ICCV 2023). For each sample: partially
+sample x_t with classifier-free-guided DDIM under the concept, then train the model so that,
+conditioned on the concept, it predicts the frozen model's noise pushed away from the concept:
+    target = e_base - eta * (e_c - e_0),  e_base = e_0 (paper) or e_f (erase-from, official code).
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from esd_jax.parallel import AXIS
+from esd_jax.schedulers import NoiseSchedule, ddim_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    negative_guidance: float  # eta
+    start_guidance: float  # CFG scale of the partial sampling
+    ddim_steps: int
+    xt_model: str  # "frozen" (official diffusers code) or "trainable" (paper, CompVis code)
+    latent_shape: tuple[int, int, int]  # (C, H, W) of one latent
+    erase_from: bool  # whether erase-from prompts are given
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """Text embeddings, encoded once: the concepts, their erase-from prompts (or None) and ""."""
+
+    concept: jax.Array  # [n, L, D]
+    erase_from: jax.Array | None  # [n, L, D]
+    null: jax.Array  # [L, D]
+
+
+jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null"], meta_fields=[])
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during a run; a pytree of arrays, checkpointed as a whole."""
+
+    step: jax.Array
+    trainable: Any  # nnx.State of the trained parameters
+    opt_state: Any
+    rng: jax.Array
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state", "rng"], meta_fields=[])
+
+
+def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_concepts: int):
+    """Per-sample randomness from (seed, step, sample index): independent of how many devices run it."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, step), i))(jnp.arange(global_batch))
+    k = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 0), (), 0, ddim_steps))(keys)
+    concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
+    noise_keys = jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
+    return k, concept, noise_keys
+
+
+def partial_sample(
+    unet,
+    schedule: NoiseSchedule,
+    objective: Objective,
+    noise: jax.Array,
+    k: jax.Array,
+    cond: jax.Array,
+    null: jax.Array,
+) -> jax.Array:
+    """x_t after k_b guided DDIM steps from noise, per sample b (k_b = 0: the noise itself).
+
+    The loop runs to the largest k of the local batch; samples already at their k stay put.
+    """
+    timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
+    prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
+    b = noise.shape[0]
+    context = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond])  # [2B, L, D]: uncond, cond
+
+    def body(carry):
+        i, x = carry
+        t = jnp.full((2 * b,), timesteps[i])
+        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
+        guided = e_null + objective.start_guidance * (e_cond - e_null)
+        x_next = ddim_step(schedule, guided, timesteps[i], prev[i], x)
+        return i + 1, jnp.where((i < k)[:, None, None, None], x_next, x)
+
+    _, x = jax.lax.while_loop(lambda c: c[0] < k.max(), body, (jnp.int32(0), noise))
+    return x
+
+
+def esd_target(
+    frozen_unet, objective: Objective, x_t: jax.Array, t: jax.Array, c: jax.Array, f: jax.Array, null: jax.Array
+) -> jax.Array:
+    """e_base - eta (e_c - e_0) from the frozen model, its predictions batched into one UNet call."""
+    contexts = [jnp.broadcast_to(null, c.shape), c] + ([f] if objective.erase_from else [])
+    n = len(contexts)
+    preds = frozen_unet(jnp.concatenate([x_t] * n), jnp.concatenate([t] * n), jnp.concatenate(contexts))
+    e_0, e_c, *rest = jnp.split(preds.astype(jnp.float32), n)
+    e_base = rest[0] if objective.erase_from else e_0
+    return jax.lax.stop_gradient(e_base - objective.negative_guidance * (e_c - e_0))
+
+
+def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
+    """mean((e_theta(x_t, t, cond) - target)^2) for the model with the `trainable` parameters."""
+    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
+    return jnp.mean(jnp.square(e_theta.astype(jnp.float32) - target))
+
+
+def local_loss_and_grads(
+    trainable,
+    frozen,
+    original,
+    graphdef,
+    schedule: NoiseSchedule,
+    objective: Objective,
+    prompts: Prompts,
+    k: jax.Array,
+    concept: jax.Array,
+    noise_keys: jax.Array,
+):
+    """The ESD loss of one device's samples and its gradient with respect to `trainable`."""
+    c = prompts.concept[concept]  # [B, L, D]
+    f = prompts.erase_from[concept] if objective.erase_from else c
+    noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)  # [B, C, H, W]
+    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
+    x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
+    t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
+    target = esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
+
+    return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
+
+
+def make_train_step(
+    graphdef,
+    schedule: NoiseSchedule,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    batch_per_device: int,
+):
+    """The jit-compiled step (state, frozen, original, prompts) -> (state, metrics).
+
+    Inside a shard_map every device samples and differentiates its own share of the batch (so its
+    sampling loop runs only as long as its own k needs); gradients are averaged over the mesh, and
+    the optax update runs on the (replicated or sharded) optimizer state outside it.
+    """
+    global_batch = batch_per_device * mesh.devices.size
+
+    def local(trainable, frozen, original, prompts, k, concept, noise_keys):
+        loss, grads = local_loss_and_grads(
+            trainable, frozen, original, graphdef, schedule, objective, prompts, k, concept, noise_keys
+        )
+        return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state: TrainState, frozen, original, prompts: Prompts):
+        k, concept, noise_keys = sample_draws(
+            state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
+        )
+        loss, grads = sharded(state.trainable, frozen, original, prompts, k, concept, noise_keys)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)
+        # Replicated, so every host can read the metrics.
+        return new_state, {"loss": loss, "k": jax.lax.with_sharding_constraint(k, NamedSharding(mesh, P()))}
+
+    return step

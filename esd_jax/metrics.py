@@ -1,0 +1,59 @@
+"""Run records a person reads: metrics.jsonl, one line per step, and loss.png drawn from it."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MetricsLog:
+    """Appends one JSON object per step; a resumed run drops lines past its restored step first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = self.read(path)
+        kept = [r for r in rows if r["step"] <= resume_step]
+        if len(kept) != len(rows):
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
+    """The loss per step and its running mean, on a log scale (the ESD loss spans decades)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = MetricsLog.read(metrics_path)
+    if not rows:
+        return
+    step = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    window = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(step, loss, lw=0.8, alpha=0.35, color="tab:blue", label="loss")
+    ax.plot(step[window - 1 :], smooth, lw=2, color="tab:blue", label=f"mean of {window} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ESD loss (MSE to the negatively guided target)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)

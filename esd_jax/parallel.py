@@ -1,0 +1,67 @@
+"""The device mesh, array placement and multi-host start-up for data-parallel ESD."""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "data"
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-host run (a TPU pod slice, a GPU cluster); a no-op on one host.
+
+    On TPU pods and under SLURM/Open MPI, `jax.distributed.initialize()` finds its peers by itself;
+    elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name them.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        # Hosts without accelerators (and tests) reduce over gloo; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+    """All devices of all hosts on one axis."""
+    return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+    """Shards an array over the mesh along its largest axis divisible by the device count, if any."""
+    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+    for a in axes:
+        if shape[a] % n == 0 and shape[a] >= n:
+            return P(*[AXIS if i == a else None for i in range(len(shape))])
+    return P()
+
+
+def place(tree, mesh: Mesh, *, shard: bool = False):
+    """Puts a pytree of host arrays on the mesh: replicated, or sharded FSDP-style when `shard`."""
+    n = mesh.devices.size
+
+    def put(x):
+        spec = fsdp_spec(np.shape(x), n) if shard else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(put, tree)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

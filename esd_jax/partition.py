@@ -1,0 +1,64 @@
+"""Which UNet weights an ESD method trains, as one NNX filter.
+
+Only the weights and biases of Linear and Conv layers are eligible (norm layers never train); the
+method picks among them by the layer's path, which is its diffusers key. The official diffusers code
+(esd_sd.py) names the first four; the paper's CompVis code names the rest, translated here from
+CompVis paths (`out.` -> conv_norm_out/conv_out, `time_embed` -> time_embedding).
+"""
+
+from collections.abc import Callable
+
+from flax import nnx
+
+from esd_jax.errors import UserError
+from esd_jax.models.layers import Conv2d, Linear
+
+COMPVIS_OUTPUT = ("conv_norm_out", "conv_out", "time_embedding")
+
+METHODS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "esd-x": (lambda layer: "attn2" in layer, "cross-attention layers (attn2)"),
+    "esd-x-strict": (
+        lambda layer: "attn2.to_k" in layer or "attn2.to_v" in layer,
+        "cross-attention key and value projections (attn2.to_k, attn2.to_v)",
+    ),
+    "esd-u": (lambda layer: "attn2" not in layer, "every layer but cross-attention"),
+    "esd-all": (lambda layer: True, "every layer"),
+    "xattn": (lambda layer: "attn2" in layer, "CompVis name of esd-x"),
+    "noxattn": (
+        lambda layer: "attn2" not in layer and not layer.startswith(COMPVIS_OUTPUT),
+        "every layer but cross-attention, the time embedding and the output conv",
+    ),
+    "selfattn": (lambda layer: "attn1" in layer, "self-attention layers (attn1)"),
+    "full": (lambda layer: True, "CompVis name of esd-all"),
+    "notime": (
+        lambda layer: not layer.startswith(COMPVIS_OUTPUT),
+        "every layer but the time embedding and the output conv",
+    ),
+}
+
+
+def _path_key(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def trainable_keys(unet: nnx.Module, method: str) -> frozenset[str]:
+    """The state-dict keys of the parameters `method` trains."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    rule = METHODS[method][0]
+    keys = frozenset(
+        _path_key((*path, name))
+        for path, module in nnx.iter_modules(unet)
+        if isinstance(module, (Linear, Conv2d)) and rule(_path_key(path))
+        for name in ("weight", "bias")
+        if getattr(module, name) is not None
+    )
+    if not keys:
+        raise UserError(f"method {method!r} selects no parameter of this UNet")
+    return keys
+
+
+def trainable_filter(unet: nnx.Module, method: str) -> Callable[[tuple, object], bool]:
+    """The NNX filter (path, variable) -> bool that selects `method`'s parameters."""
+    keys = trainable_keys(unet, method)
+    return lambda path, _: _path_key(path) in keys

@@ -1,0 +1,235 @@
+"""Loading and saving a Stable Diffusion pipeline in the diffusers folder format.
+
+`load_pipeline` reads a local diffusers folder or a Hugging Face hub id (safetensors only, never
+pickles) into Flax NNX modules; `StableDiffusion.save_pretrained` writes a folder that current
+diffusers' `StableDiffusionPipeline.from_pretrained` loads with no missing or unexpected keys.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from transformers import CLIPTokenizer
+
+from esd_jax import weights
+from esd_jax.errors import UserError
+from esd_jax.models import clip, unet, vae
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Components esd-jax owns, with the file names diffusers and transformers give their weights.
+WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    *(f"{c}/{p}" for c in WEIGHT_FILES for p in ("config.json", WEIGHT_FILES[c])),
+]
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+
+
+def resolve_dtype(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """The networks, tokenizer and scheduler settings of one pipeline.
+
+    `configs` holds each network's config.json as read (or as built), so a saved pipeline carries
+    exactly the configuration it was loaded with; `source` is the folder it came from, whose
+    components esd-jax does not own (safety checker, feature extractor) are copied on save.
+    """
+
+    unet: unet.UNet2DConditionModel
+    text_encoder: clip.CLIPTextModel
+    vae: vae.AutoencoderKL
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]]
+    model_index: dict[str, Any]
+    source: Path | None = None
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Writes a diffusers folder; a crash midway leaves any earlier folder at `out_dir` intact."""
+        with atomic_dir(Path(out_dir)) as tmp:
+            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+                (tmp / name).mkdir()
+                write_json(tmp / name / "config.json", self.configs[name])
+                weights.write_safetensors(weights.state_dict(module), tmp / name / WEIGHT_FILES[name])
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            (tmp / "scheduler").mkdir()
+            write_json(tmp / "scheduler" / "scheduler_config.json", self.scheduler_config)
+            index = dict(self.model_index)
+            for name, value in self.model_index.items():
+                if name in (*WEIGHT_FILES, "tokenizer", "scheduler") or not isinstance(value, list):
+                    continue
+                if self.source is not None and (self.source / name).is_dir():
+                    shutil.copytree(self.source / name, tmp / name)
+                elif value != [None, None]:
+                    index[name] = [None, None]
+                    if name == "safety_checker":
+                        index["requires_safety_checker"] = False
+            write_json(tmp / "model_index.json", index)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class atomic_dir:
+    """Context manager yielding a temporary sibling folder that replaces `path` on success only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path} exists and is not a folder; choose another output path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            self.path.rename(old)
+        self.tmp.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(
+            f"{path} is missing; a diffusers Stable Diffusion folder has model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def locate(model: str | os.PathLike) -> Path:
+    """A local folder for `model`: the folder itself, or the hub snapshot from huggingface_hub's cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(
+                f"model {str(model)!r} is a file; pass a diffusers folder or a hub id like "
+                "CompVis/stable-diffusion-v1-4"
+            )
+        return path
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise UserError(f"model {name!r}: no such folder, and not a hub id like CompVis/stable-diffusion-v1-4")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"model {name!r} is not in the Hugging Face cache and the hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); download it once online or pass a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {name!r}: no such repository on the hub (or it is private: log in with `hf auth login`)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise UserError(f"model {name!r}: the hub refused the download ({str(e).splitlines()[0]})") from None
+
+
+def weight_file(folder: Path, name: str) -> Path:
+    """The safetensors weights of one component; pickles are refused."""
+    plain = folder / WEIGHT_FILES[name]
+    if plain.is_file():
+        return plain
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise UserError(
+            f"{folder}: several weight files ({', '.join(c.name for c in candidates)}) and no {plain.name}; keep one"
+        )
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+    if pickles:
+        raise UserError(
+            f"{folder}: only PyTorch pickle weights ({', '.join(pickles)}); esd-jax reads "
+            "safetensors only: convert them (diffusers' save_pretrained writes safetensors)"
+        )
+    raise UserError(f"{folder}: no {plain.name}")
+
+
+def load_module(build: Callable[[], nnx.Module], tensors: dict, *, source: str) -> nnx.Module:
+    """Builds the module abstractly (no random init of weights about to be replaced), then loads it."""
+    module = nnx.eval_shape(build)
+    weights.load_state_dict(module, tensors, source=source)
+    return module
+
+
+def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32") -> StableDiffusion:
+    """Loads a Stable Diffusion pipeline from a diffusers folder or a Hugging Face hub id.
+
+    `dtype` is the compute dtype of every network; parameters are stored in `param_dtype`
+    (float32 by default: fine-tuning needs it).
+    """
+    compute, params = resolve_dtype(dtype), resolve_dtype(param_dtype)
+    root = locate(model)
+    model_index = read_json(root / "model_index.json")
+    kind = model_index.get("_class_name")
+    if kind not in SUPPORTED_PIPELINES:
+        raise UserError(
+            f"{root / 'model_index.json'}: pipeline {kind!r} is not supported yet; supported: "
+            f"{', '.join(SUPPORTED_PIPELINES)} (SD 1.x and 2.x)"
+        )
+    configs = {name: read_json(root / name / "config.json") for name in WEIGHT_FILES}
+    specs = {
+        "unet": (unet.UNetConfig, unet.UNet2DConditionModel, lambda t: t),
+        "vae": (vae.VAEConfig, vae.AutoencoderKL, vae.normalize_keys),
+        "text_encoder": (clip.CLIPTextConfig, clip.CLIPTextModel, clip.normalize_keys),
+    }
+    modules = {}
+    for name, (config_cls, model_cls, normalize) in specs.items():
+        config = config_cls.from_dict(configs[name])
+        path = weight_file(root / name, name)
+        tensors = normalize(weights.read_safetensors(path))
+        modules[name] = load_module(
+            lambda config=config, model_cls=model_cls: model_cls(
+                config, dtype=compute, param_dtype=params, rngs=nnx.Rngs(0)
+            ),
+            tensors,
+            source=str(path),
+        )
+    if not (root / "tokenizer").is_dir():
+        raise UserError(f"{root}: no tokenizer/ folder")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    return StableDiffusion(
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        vae=modules["vae"],
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        configs=configs,
+        model_index=model_index,
+        source=root,
+    )

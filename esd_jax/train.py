@@ -1,0 +1,195 @@
+"""The erase run: load, split, encode prompts, loop the compiled step, checkpoint, write the delta.
+
+`erase(config)` is what `esd-jax erase` calls. Rerunning the same command resumes from the latest
+Orbax checkpoint in the workdir and ends with the same weights as an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from esd_jax import parallel, weights
+from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
+from esd_jax.errors import UserError
+from esd_jax.esd import Objective, Prompts, TrainState, make_train_step
+from esd_jax.export import delta_filename, write_delta
+from esd_jax.metrics import MetricsLog, plot_loss
+from esd_jax.partition import trainable_filter, trainable_keys
+from esd_jax.pipeline import StableDiffusion, load_pipeline
+from esd_jax.schedulers import NoiseSchedule
+
+
+def encode_prompts(pipe: StableDiffusion, prompts: list[str]) -> jax.Array:
+    """Last hidden states [n, L, D] of prompts padded to the tokenizer's length, as SD pipelines do."""
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="np"
+    ).input_ids
+    return nnx.jit(lambda model, ids: model(ids))(pipe.text_encoder, jnp.asarray(ids))
+
+
+def latent_shape(pipe: StableDiffusion, resolution: int) -> tuple[int, int, int]:
+    """(C, H, W) of the latents for `resolution` pixels (0: the model's native size)."""
+    vae_factor = 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(pipe.configs["unet"]["down_block_types"]) - 1)
+    native = pipe.configs["unet"]["sample_size"] * vae_factor
+    size = resolution or native
+    if size % (vae_factor * unet_factor):
+        raise UserError(
+            f"config.resolution={size}: this model takes multiples of {vae_factor * unet_factor} "
+            f"pixels (native: {native})"
+        )
+    return pipe.configs["unet"]["in_channels"], size // vae_factor, size // vae_factor
+
+
+def check_workdir(workdir: Path, cfg: EraseConfig) -> None:
+    """Refuses a workdir that holds a run of another configuration, so runs never mix."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    new = dataclasses.asdict(cfg)
+    differ = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(
+            f"workdir {workdir} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; "
+            "use another --config.workdir (or delete that one) to start a new run"
+        )
+
+
+class StopSignal:
+    """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def erase(cfg: EraseConfig) -> Path:
+    """Runs (or resumes) an erase; returns the path of the delta safetensors it writes."""
+    parallel.initialize_distributed()
+    workdir = Path(cfg.workdir).absolute()
+    check_workdir(workdir, cfg)
+    main = parallel.is_main_process()
+    mesh = parallel.make_mesh()
+
+    pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
+    shape = latent_shape(pipe, cfg.resolution)
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    concepts = encode_prompts(pipe, cfg.concepts)
+    prompts = Prompts(
+        concept=concepts,
+        erase_from=encode_prompts(pipe, cfg.erase_froms) if cfg.erase_from else None,
+        null=encode_prompts(pipe, [""])[0],
+    )
+    unet = pipe.unet
+    del pipe  # the text encoder and VAE are not needed on device from here on
+
+    keys = trainable_keys(unet, cfg.method)
+    graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, cfg.method), ...)
+    del unet
+    original = parallel.place(jax.tree.map(jnp.copy, trainable), mesh, shard=cfg.shard_params)
+    frozen = parallel.place(frozen, mesh, shard=cfg.shard_params)
+    prompts = parallel.place(prompts, mesh)
+    trainable = parallel.place(trainable, mesh)
+    optimizer = optax.adam(cfg.learning_rate)
+    state = TrainState(
+        step=parallel.place(jnp.int32(0), mesh),
+        trainable=trainable,
+        opt_state=parallel.place(optimizer.init(trainable), mesh, shard=cfg.shard_params),
+        rng=parallel.place(jax.random.key_data(jax.random.key(cfg.seed)), mesh),
+    )
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every
+        ),
+    )
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    start = int(state.step)
+
+    step_fn = make_train_step(
+        graphdef,
+        schedule,
+        Objective(
+            negative_guidance=cfg.negative_guidance,
+            start_guidance=cfg.start_guidance,
+            ddim_steps=cfg.ddim_steps,
+            xt_model=cfg.xt_model,
+            latent_shape=shape,
+            erase_from=bool(cfg.erase_from),
+        ),
+        optimizer,
+        mesh,
+        cfg.batch_per_device,
+    )
+    log = MetricsLog(workdir / "metrics.jsonl", start) if main else None
+    stop = StopSignal()
+    bar = tqdm(
+        total=cfg.iterations,
+        initial=start,
+        desc=f"erasing {cfg.concept!r}",
+        unit="it",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    try:
+        for step in range(start, cfg.iterations):
+            began = time.perf_counter()
+            new_state, metrics = step_fn(state, frozen, original, prompts)
+            loss, k = jax.device_get((metrics["loss"], metrics["k"]))
+            if not np.isfinite(loss):
+                last = manager.latest_step()
+                raise UserError(
+                    f"the loss became {loss} at step {step + 1}; stopped, keeping the last good "
+                    f"checkpoint ({'step ' + str(last) if last is not None else 'none'}): "
+                    "try a lower learning_rate"
+                )
+            state = new_state
+            seconds = time.perf_counter() - began
+            if log:
+                log.write({"step": step + 1, "loss": float(loss), "k": [int(x) for x in k], "seconds": seconds})
+            bar.set_postfix(loss=f"{float(loss):.3e}")
+            bar.update(1)
+            # Every checkpoint_every steps, and always at the end or on SIGTERM.
+            manager.save(step + 1, args=ocp.args.StandardSave(state), force=stop.received or step + 1 == cfg.iterations)
+            if stop.received:
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        manager.wait_until_finished()
+        manager.close()
+        if main and (workdir / "metrics.jsonl").exists():
+            plot_loss(workdir / "metrics.jsonl", workdir / "loss.png", f"ESD {cfg.method}: erase {cfg.concept!r}")
+
+    out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
+    if int(state.step) < cfg.iterations:
+        print(f"stopped at step {int(state.step)} of {cfg.iterations} (SIGTERM); the same command resumes")
+        return out
+    if main:
+        unet = nnx.merge(graphdef, state.trainable, frozen)
+        write_delta(weights.state_dict(unet, keys), out)
+    return out

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="esd-jax",
+    version="0.1.0",
+    description="Erasing concepts from Stable Diffusion (ESD) in JAX, on TPU pods and GPUs, with export to PyTorch.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["esd_jax", "esd_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "transformers>=4.40",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pillow>=10",
+    ],
+    extras_require={
+        # PyTorch is only the reference in tests and the loader check of exports; install the CPU
+        # build first (`pip install torch==2.13.0`) or this pulls a multi-GB CUDA build.
+        "torch": ["torch>=2.4", "diffusers>=0.35"],
+        "test": ["torch>=2.4", "diffusers>=0.35", "pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["esd-jax=esd_jax.cli:main"]},
+)

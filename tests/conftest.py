@@ -1,0 +1,122 @@
+"""Tiny random Stable Diffusion pipelines, built and saved with PyTorch diffusers and transformers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Four CPU devices for the data-parallel tests; XLA reads this once, when JAX starts.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from esd_jax.tokenizer import make_clip_tokenizer  # noqa: E402
+
+WORDS = ["a", "photo", "of", "red", "green", "circle", "van", "gogh", "painting"]
+
+SHAPES = {
+    # int head count, conv proj_in/out, quick_gelu: the SD 1.x family.
+    "sd1": dict(
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        ),
+        text=dict(hidden_act="quick_gelu", pad_token="<|endoftext|>"),
+    ),
+    # per-block head counts, linear projections, upcast attention, gelu: the SD 2.x family.
+    "sd2": dict(
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            norm_num_groups=8,
+            use_linear_projection=True,
+            upcast_attention=True,
+        ),
+        text=dict(hidden_act="gelu", pad_token="!"),
+    ),
+}
+
+
+def perturb(module: torch.nn.Module, seed: int) -> None:
+    """Randomises every parameter, norms included, so no default init (ones, zeros) hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def build_torch_pipeline(shape: str):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    tokenizer = make_clip_tokenizer(WORDS, max_length=16, pad_token=spec["text"]["pad_token"])
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            hidden_act=spec["text"]["hidden_act"],
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    for i, m in enumerate((unet, vae, text_encoder)):
+        perturb(m, seed=i)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@pytest.fixture(scope="session", params=sorted(SHAPES))
+def tiny_pipeline(request, tmp_path_factory):
+    """(folder, torch pipeline) for each tiny shape, saved once per session."""
+    pipe = build_torch_pipeline(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    pipe.save_pretrained(folder)
+    return folder, pipe

@@ -1,0 +1,210 @@
+"""The ESD objective against PyTorch diffusers on the same weights, and the data-parallel step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from flax import nnx
+from jax.sharding import Mesh
+
+import esd_jax
+from conftest import perturb
+from esd_jax import weights
+from esd_jax.esd import Objective, Prompts, TrainState, esd_loss, esd_target, make_train_step, partial_sample
+from esd_jax.partition import trainable_filter, trainable_keys
+from esd_jax.schedulers import NoiseSchedule
+from esd_jax.train import encode_prompts
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def objective(**overrides) -> Objective:
+    return Objective(
+        **{
+            **dict(
+                negative_guidance=1.5,
+                start_guidance=3.0,
+                ddim_steps=5,
+                xt_model="frozen",
+                latent_shape=(4, 8, 8),
+                erase_from=False,
+            ),
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    from conftest import build_torch_pipeline
+
+    ref = build_torch_pipeline("sd1")
+    folder = tmp_path_factory.mktemp("esd-sd1")
+    ref.save_pretrained(folder)
+    return folder, ref, esd_jax.load_pipeline(folder)
+
+
+def torch_embeds(ref, prompts: list[str]) -> torch.Tensor:
+    ids = ref.tokenizer(
+        prompts, padding="max_length", max_length=ref.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return ref.text_encoder(ids).last_hidden_state
+
+
+@pytest.mark.parametrize("erase_from", [False, True])
+def test_target_and_loss_match_a_pytorch_computation(sd1, erase_from):
+    folder, ref, pipe = sd1
+    eta = 1.5
+    c, f, null = torch_embeds(ref, ["red circle", "a photo of green", ""])
+    rng = np.random.default_rng(0)
+    x_t = torch.tensor(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
+    t = torch.tensor([981, 401])
+    # The trainable copy differs from the original in its cross-attention weights, as after some steps.
+    esd_unet = type(ref.unet).from_pretrained(folder / "unet")
+    perturb(torch.nn.ModuleList([m for n, m in esd_unet.named_modules() if n.endswith("attn2")]), seed=7)
+    cond = torch.stack([f, f]) if erase_from else torch.stack([c, c])
+    with torch.no_grad():
+        e_0 = ref.unet(x_t, t, torch.stack([null, null])).sample
+        e_c = ref.unet(x_t, t, torch.stack([c, c])).sample
+        e_base = ref.unet(x_t, t, cond).sample if erase_from else e_0
+        target = e_base - eta * (e_c - e_0)
+        loss = torch.nn.functional.mse_loss(esd_unet(x_t, t, cond).sample, target)
+
+    graphdef = nnx.graphdef(pipe.unet)
+    ours = objective(negative_guidance=eta, erase_from=erase_from)
+    emb = encode_prompts(pipe, ["red circle", "a photo of green", ""])
+    jc, jf, jnull = jnp.stack([emb[0]] * 2), jnp.stack([emb[1]] * 2), emb[2]
+    got_target = esd_target(
+        pipe.unet, ours, jnp.asarray(x_t.numpy()), jnp.asarray(t.numpy()), jc, jf if erase_from else jc, jnull
+    )
+    assert rel_err(got_target, target.numpy()) <= 1e-4
+
+    keys = trainable_keys(pipe.unet, "esd-x")
+    trained = {k: v.numpy() for k, v in esd_unet.state_dict().items() if k in keys}
+    esd = esd_jax.load_pipeline(folder).unet  # a separate copy: NNX modules share arrays through split/merge
+    weights.load_state_dict(esd, {**weights.state_dict(esd), **trained}, source="test")
+    _, trainable, frozen = nnx.split(esd, trainable_filter(esd, "esd-x"), ...)
+    got_loss = esd_loss(
+        trainable,
+        frozen,
+        graphdef,
+        jnp.asarray(x_t.numpy()),
+        jnp.asarray(t.numpy()),
+        jf if erase_from else jc,
+        jnp.asarray(target.numpy()),
+    )
+    assert abs(float(got_loss) - loss.item()) / loss.item() <= 1e-4
+
+
+def test_partial_ddim_matches_diffusers_stepping(sd1):
+    """x_t after k guided DDIM steps equals the diffusers pipeline's latents after k steps, per sample."""
+    _, ref, pipe = sd1
+    steps, guidance, ks = 5, 3.0, [0, 3]
+    noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    captured = {}
+
+    def capture(p, i, t, kwargs):
+        captured[i + 1] = kwargs["latents"].clone()
+        return kwargs
+
+    scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref_pipe = type(ref)(**{**ref.components, "scheduler": scheduler})
+    ref_pipe(
+        ["red circle"] * 2,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=torch.tensor(noise),
+        output_type="latent",
+        callback_on_step_end=capture,
+    )
+    captured[0] = torch.tensor(noise)
+
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    emb = encode_prompts(pipe, ["red circle", ""])
+    x_t = partial_sample(
+        pipe.unet,
+        schedule,
+        objective(ddim_steps=steps, start_guidance=guidance),
+        jnp.asarray(noise),
+        jnp.asarray(ks),
+        jnp.stack([emb[0]] * 2),
+        emb[1],
+    )
+    for b, k in enumerate(ks):
+        assert rel_err(x_t[b], captured[k][b].numpy()) <= 1e-4, k
+
+
+def run_steps(
+    pipe,
+    mesh: Mesh,
+    batch_per_device: int,
+    steps: int = 2,
+    xt_model: str = "frozen",
+    optimizer: optax.GradientTransformation | None = None,
+):
+    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; the fixture's model keeps its own
+    original = jax.tree.map(jnp.copy, trainable)
+    optimizer = optimizer or optax.adam(1e-3)
+    emb = encode_prompts(pipe, ["red circle", "van gogh", "a photo of green", ""])
+    prompts = Prompts(concept=emb[:2], erase_from=emb[jnp.array([2, 2])], null=emb[3])
+    state = TrainState(
+        step=jnp.int32(0),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
+    step = make_train_step(
+        graphdef,
+        NoiseSchedule.from_config(pipe.scheduler_config),
+        objective(erase_from=True, xt_model=xt_model),
+        optimizer,
+        mesh,
+        batch_per_device,
+    )
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, original, prompts)
+        losses.append(float(metrics["loss"]))
+    return losses, state, frozen, metrics
+
+
+def test_one_device_and_four_give_the_same_loss_and_update(sd1):
+    _, _, pipe = sd1
+    assert jax.device_count() >= 4, "conftest asks XLA for 4 CPU devices"
+    # Plain SGD, so the update is the averaged gradient itself (Adam's normalisation would turn
+    # summation-order noise in near-zero gradients into full-size differences).
+    sgd = optax.sgd(1.0)
+    one, state1, _, m1 = run_steps(pipe, Mesh(np.asarray(jax.devices()[:1]), ("data",)), 4, optimizer=sgd)
+    four, state4, _, m4 = run_steps(pipe, Mesh(np.asarray(jax.devices()[:4]), ("data",)), 1, optimizer=sgd)
+    np.testing.assert_array_equal(m1["k"], m4["k"])
+    np.testing.assert_allclose(one, four, rtol=1e-5)
+    _, original, _ = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    leaves = (jax.tree.leaves(state1.trainable), jax.tree.leaves(state4.trainable), jax.tree.leaves(original))
+    for a, b, o in zip(*leaves, strict=True):
+        update1, update4 = np.asarray(a) - np.asarray(o), np.asarray(b) - np.asarray(o)
+        assert np.abs(update1).max() > 0
+        rounding = 2 * np.spacing(np.abs(np.asarray(o)).max())  # of adding a small update to the weights
+        assert np.abs(update1 - update4).max() <= 1e-4 * np.abs(update1).max() + rounding
+
+
+@pytest.mark.parametrize("xt_model", ["frozen", "trainable"])
+def test_training_moves_trainable_weights_only(sd1, xt_model):
+    _, _, pipe = sd1
+    before = weights.state_dict(pipe.unet)
+    _, state, frozen, _ = run_steps(pipe, Mesh(np.asarray(jax.devices()[:2]), ("data",)), 1, xt_model=xt_model)
+    graphdef = nnx.graphdef(pipe.unet)
+    after = weights.state_dict(nnx.merge(graphdef, state.trainable, frozen))
+    keys = trainable_keys(pipe.unet, "esd-x")
+    for key, value in before.items():
+        if key in keys:
+            assert not np.array_equal(after[key], value), key
+        else:
+            assert np.array_equal(after[key], value), key

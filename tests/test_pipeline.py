@@ -1,0 +1,211 @@
+"""load_pipeline / save_pretrained against PyTorch diffusers on tiny random pipelines saved by diffusers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import esd_jax
+from esd_jax import weights
+from esd_jax.errors import UserError
+
+COMPONENT_FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_loaded_pipeline_matches_diffusers(tiny_pipeline):
+    folder, ref = tiny_pipeline
+    pipe = esd_jax.load_pipeline(folder)
+    rng = np.random.default_rng(0)
+
+    ids = ref.tokenizer(
+        ["a red circle", "van gogh painting"], padding="max_length", max_length=16, return_tensors="np"
+    ).input_ids
+    with torch.no_grad():
+        want_text = ref.text_encoder(torch.tensor(ids)).last_hidden_state.numpy()
+    assert rel_err(pipe.text_encoder(jnp.asarray(ids)), want_text) <= 1e-4
+
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([10, 900])
+    with torch.no_grad():
+        want = ref.unet(torch.tensor(latents), torch.tensor(t), torch.tensor(want_text)).sample.numpy()
+    assert rel_err(pipe.unet(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(want_text)), want) <= 1e-4
+
+    images = rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        dist = ref.vae.encode(torch.tensor(images)).latent_dist
+        decoded = ref.vae.decode(torch.tensor(latents)).sample.numpy()
+    mean, logvar = pipe.vae.encode(jnp.asarray(images))
+    assert rel_err(mean, dist.mean.numpy()) <= 1e-4
+    assert rel_err(logvar, dist.logvar.numpy()) <= 1e-4
+    assert rel_err(pipe.vae.decode(jnp.asarray(latents)), decoded) <= 1e-4
+    assert pipe.vae.scaling_factor == ref.vae.config.scaling_factor
+    assert pipe.scheduler_config["_class_name"] == "DDIMScheduler"
+    assert pipe.tokenizer("a red circle").input_ids == ref.tokenizer("a red circle").input_ids
+
+
+def test_save_pretrained_round_trip_is_bit_exact_and_loads_in_diffusers(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder, ref = tiny_pipeline
+    out = tmp_path / "saved"
+    esd_jax.load_pipeline(folder).save_pretrained(out)
+    for name, file in COMPONENT_FILES.items():
+        original, saved = load_file(folder / file), load_file(out / file)
+        if name == "text_encoder":  # transformers 5 writes unprefixed keys; we write the prefixed form
+            assert all(k.startswith("text_model.") for k in saved)
+            saved = {k.removeprefix("text_model."): v for k, v in saved.items()}
+        assert saved.keys() == original.keys()
+        for key in original:
+            assert saved[key].dtype == original[key].dtype and np.array_equal(saved[key], original[key]), key
+
+    reloaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    for name in COMPONENT_FILES:
+        want, got = getattr(ref, name).state_dict(), getattr(reloaded, name).state_dict()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{name}.{key}"
+    assert reloaded.scheduler.config["beta_schedule"] == ref.scheduler.config["beta_schedule"]
+
+
+def test_prefixed_text_encoder_checkpoint_loads(tiny_pipeline, tmp_path):
+    """Real SD checkpoints (transformers 4) carry `text_model.` keys and a position_ids buffer."""
+    folder, ref = tiny_pipeline
+    copy = tmp_path / "prefixed"
+    shutil.copytree(folder, copy)
+    tensors = load_file(folder / COMPONENT_FILES["text_encoder"])
+    tensors = {f"text_model.{k}": v for k, v in tensors.items()}
+    tensors["text_model.embeddings.position_ids"] = np.arange(16, dtype=np.int64)[None]
+    save_file(tensors, copy / COMPONENT_FILES["text_encoder"])
+    ids = np.array([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = ref.text_encoder(torch.tensor(ids)).last_hidden_state.numpy()
+    assert rel_err(esd_jax.load_pipeline(copy).text_encoder(jnp.asarray(ids)), want) <= 1e-4
+
+
+def test_failed_save_keeps_the_previous_folder(tiny_pipeline, tmp_path, monkeypatch):
+    folder, _ = tiny_pipeline
+    pipe = esd_jax.load_pipeline(folder)
+    out = tmp_path / "out"
+    pipe.save_pretrained(out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def crash(tensors, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(weights, "write_safetensors", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(out)
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def hub_cache(folder: Path, cache: Path, repo: str) -> None:
+    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of `repo`."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, entry / "snapshots" / commit)
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "esd_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_hub_id_loads_from_cache_offline_and_fails_clearly_when_absent(tiny_pipeline, tmp_path):
+    folder, _ = tiny_pipeline
+    hub_cache(folder, tmp_path, "esd-test/tiny")
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    ok = run_cli("info", "--model", "esd-test/tiny", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "unet:" in ok.stdout and "parameters" in ok.stdout
+
+    missing = run_cli("info", "--model", "esd-test/absent", env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
+    assert "not in the Hugging Face cache" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def broken_copy(folder: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    edit(copy)
+    return copy
+
+
+def to_bin(copy: Path) -> None:
+    path = copy / COMPONENT_FILES["unet"]
+    path.rename(path.with_suffix(".bin"))
+
+
+def bad_shape(copy: Path) -> None:
+    tensors = load_file(copy / COMPONENT_FILES["unet"])
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:16]
+    save_file(tensors, copy / COMPONENT_FILES["unet"])
+
+
+def sdxl(copy: Path) -> None:
+    index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (copy / "model_index.json").write_text(json.dumps(index))
+
+
+def sdxl_unet(copy: Path) -> None:
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    config["addition_embed_type"] = "text_time"
+    (copy / "unet" / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (to_bin, "only PyTorch pickle weights"),
+        (bad_shape, "'conv_in.weight' has shape (16, 4, 3, 3), the config implies (32, 4, 3, 3)"),
+        (sdxl, "'StableDiffusionXLPipeline' is not supported"),
+        (sdxl_unet, "addition_embed_type"),
+        (lambda c: (c / "model_index.json").unlink(), "model_index.json is missing"),
+    ],
+)
+def test_bad_checkpoints_raise_one_clear_line(tiny_pipeline, tmp_path, edit, message):
+    folder, _ = tiny_pipeline
+    with pytest.raises(UserError) as err:
+        esd_jax.load_pipeline(broken_copy(folder, tmp_path, edit))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_model_names_and_dtypes():
+    with pytest.raises(UserError, match="no such folder, and not a hub id"):
+        esd_jax.load_pipeline("/no/such/folder")
+    with pytest.raises(UserError, match="dtype 'float8' is not supported"):
+        esd_jax.load_pipeline("/no/such/folder", dtype="float8")
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path):
+    result = run_cli("info", "--model", str(tmp_path / "nothing"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: model ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

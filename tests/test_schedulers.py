@@ -1,0 +1,59 @@
+"""DDIM timesteps and steps against diffusers' DDIMScheduler on the same inputs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, PNDMScheduler
+
+from esd_jax.errors import UserError
+from esd_jax.schedulers import NoiseSchedule, ddim_step
+
+SD14 = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        {"timestep_spacing": "linspace", "set_alpha_to_one": True},
+        {"clip_sample": True, "beta_schedule": "linear"},
+    ],
+)
+@pytest.mark.parametrize("steps", [50, 7])
+def test_ddim_matches_diffusers(overrides, steps):
+    # A PNDM config, as SD 1.4 ships it (with clip_sample false), read as DDIM, as DDIMScheduler.from_config does.
+    config = dict(PNDMScheduler(**SD14).config) | {"clip_sample": False} | overrides
+    config.pop("_use_default_values")  # as in a saved scheduler_config.json
+    ref = DDIMScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    schedule = NoiseSchedule.from_config(config)
+    timesteps = schedule.timesteps(steps)
+    np.testing.assert_array_equal(timesteps, ref.timesteps.numpy())
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    for i in (0, steps // 2, steps - 1):
+        out = rng.standard_normal(x.shape).astype(np.float32)
+        t = int(timesteps[i])
+        want = ref.step(torch.tensor(out), t, torch.tensor(x)).prev_sample.numpy()
+        got = ddim_step(
+            schedule, jnp.asarray(out), jnp.int32(t), jnp.int32(schedule.prev_timesteps(steps)[i]), jnp.asarray(x)
+        )
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_settings_name_the_key():
+    with pytest.raises(UserError, match="beta_schedule='squaredcos_cap_v2' is not supported"):
+        NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
+    with pytest.raises(UserError, match="sampling steps must be in 1..1000, got 0"):
+        NoiseSchedule.from_config(SD14).timesteps(0)
