@@ -3,8 +3,10 @@
 import dataclasses
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import flags
+from absl import logging as absl_logging
 
 from esd_jax.errors import UserError
 
@@ -20,6 +22,7 @@ def info(argv: list[str]) -> None:
 
 
 def erase(argv: list[str]) -> None:
+    import ml_collections
     from ml_collections import config_flags
 
     from esd_jax.config import EraseConfig
@@ -38,17 +41,46 @@ def erase(argv: list[str]) -> None:
             print(f"  --config.{field.name}={field.default!r}")
         sys.exit(0)
     parse(fv, argv)
-    if fv.config is None:
+    config = fv.config
+    if config is None:
         raise UserError(f"give a config file: {argv[0]} --config configs/esd_x.py --config.concept='Van Gogh'")
+    if not isinstance(config, ml_collections.ConfigDict):  # config_flags' stand-in for a file that failed to load
+        raise UserError(
+            f"cannot load the config file {fv['config'].config_filename!r}: no such file, or it "
+            "fails to import; configs/ holds esd_x.py, esd_x_strict.py, esd_u.py, esd_all.py"
+        )
     from esd_jax.train import erase as run
 
-    path = run(EraseConfig.from_config_dict(fv.config))
+    path = run(EraseConfig.from_config_dict(config))
     if path.exists():
         print(f"erased weights: {path}")
 
 
+def export(argv: list[str]) -> None:
+    from esd_jax.export import EXPORT_FORMATS, export_run
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "The erase run's workdir.", flag_values=fv, required=True)
+    flags.DEFINE_string(
+        "out", None, "Output folder (diffusers) or .safetensors file (single-file).", flag_values=fv, required=True
+    )
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).", flag_values=fv)
+    flags.DEFINE_enum(
+        "format",
+        "diffusers",
+        EXPORT_FORMATS,
+        "diffusers: a StableDiffusionPipeline folder; "
+        "single-file: one .safetensors in the original SD layout (A1111, ComfyUI).",
+        flag_values=fv,
+    )
+    parse(fv, argv)
+    out = export_run(Path(fv.workdir), Path(fv.out), step=fv.step, fmt=fv.format)
+    print(f"exported: {out}")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
+    "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),
 }
 
@@ -59,8 +91,10 @@ def parse(fv: flags.FlagValues, argv: list[str]) -> None:
         sys.exit(0)
     try:
         fv(argv)
-    except flags.Error as e:
-        raise UserError(f"{e}; see `{argv[0]} --help`") from None
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections reports an override of an unknown key as AttributeError/KeyError.
+        message = str(e).strip("\"'")
+        raise UserError(f"bad flag or config override ({message}); see `{argv[0]} --help`") from None
 
 
 def usage() -> str:
@@ -75,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if len(argv) >= 2 else 2
     command = argv[1]
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and JAX log routine events at INFO and WARNING
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return 2

@@ -56,6 +56,15 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state", "rng"], meta_fields=[])
 
 
+def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.int32(0),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
 def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_concepts: int):
     """Per-sample randomness from (seed, step, sample index): independent of how many devices run it."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, step), i))(jnp.arange(global_batch))

@@ -1,12 +1,16 @@
-"""Erased weights back to PyTorch: the official ESD delta file (trained parameters only)."""
+"""Erased weights back to PyTorch: the official ESD delta file, a diffusers folder, a single file."""
 
-import os
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 
 from esd_jax import weights
+from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+
+EXPORT_FORMATS = ("diffusers", "single-file")
 
 
 def delta_filename(concept: str, erase_from: str, method: str) -> str:
@@ -20,6 +24,45 @@ def delta_filename(concept: str, erase_from: str, method: str) -> str:
 
 def write_delta(tensors: dict[str, np.ndarray], path: Path) -> None:
     """Writes diffusers-keyed tensors for `unet.load_state_dict(load_file(path), strict=False)`, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    weights.write_safetensors(tensors, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        weights.write_safetensors(tensors, tmp)
+
+
+def read_run_config(workdir: Path):
+    from esd_jax.config import EraseConfig
+
+    path = workdir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{workdir} holds no erase run (no config.json); pass the --config.workdir of a run")
+    return EraseConfig(**json.loads(path.read_text()))
+
+
+def export_run(workdir: Path, out: Path, *, step: int | None = None, fmt: str = "diffusers") -> Path:
+    """Writes the run's pipeline, its UNet carrying the checkpoint's trained weights, for PyTorch.
+
+    `fmt` "diffusers" writes a folder `StableDiffusionPipeline.from_pretrained` loads; "single-file"
+    one .safetensors in the original Stable Diffusion layout (A1111, ComfyUI).
+    """
+    import optax
+    from flax import nnx
+
+    from esd_jax import checkpoints, single_file
+    from esd_jax.esd import initial_state
+    from esd_jax.partition import trainable_filter
+    from esd_jax.pipeline import load_pipeline
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"format {fmt!r} is not supported; choose one of {', '.join(EXPORT_FORMATS)}")
+    cfg = read_run_config(workdir)
+    pipe = load_pipeline(cfg.model)
+    _, trainable, _ = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
+    manager = checkpoints.open_manager(workdir, read_only=True)
+    state = checkpoints.restore(manager, initial_state(trainable, optax.adam(cfg.learning_rate), cfg.seed), step)
+    manager.close()
+    nnx.update(pipe.unet, state.trainable)
+    if fmt == "diffusers":
+        pipe.save_pretrained(out)
+    else:
+        out = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
+        single_file.write_single_file(pipe, out)
+    return out

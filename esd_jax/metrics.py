@@ -1,11 +1,12 @@
 """Run records a person reads: metrics.jsonl, one line per step, and loss.png drawn from it."""
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from esd_jax.files import atomic_file
 
 
 class MetricsLog:
@@ -53,7 +54,6 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out)

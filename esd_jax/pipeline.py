@@ -19,6 +19,7 @@ from transformers import CLIPTokenizer
 
 from esd_jax import weights
 from esd_jax.errors import UserError
+from esd_jax.files import atomic_dir
 from esd_jax.models import clip, unet, vae
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,32 +88,6 @@ class StableDiffusion:
 
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-class atomic_dir:
-    """Context manager yielding a temporary sibling folder that replaces `path` on success only."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"{self.path} exists and is not a folder; choose another output path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
-        if self.path.exists():
-            self.path.rename(old)
-        self.tmp.rename(self.path)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:

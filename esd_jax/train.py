@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from esd_jax import parallel, weights
+from esd_jax import checkpoints, parallel, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, TrainState, make_train_step
+from esd_jax.esd import Objective, Prompts, initial_state, make_train_step
 from esd_jax.export import delta_filename, write_delta
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter, trainable_keys
@@ -107,27 +106,18 @@ def erase(cfg: EraseConfig) -> Path:
     original = parallel.place(jax.tree.map(jnp.copy, trainable), mesh, shard=cfg.shard_params)
     frozen = parallel.place(frozen, mesh, shard=cfg.shard_params)
     prompts = parallel.place(prompts, mesh)
-    trainable = parallel.place(trainable, mesh)
     optimizer = optax.adam(cfg.learning_rate)
-    state = TrainState(
-        step=parallel.place(jnp.int32(0), mesh),
-        trainable=trainable,
-        opt_state=parallel.place(optimizer.init(trainable), mesh, shard=cfg.shard_params),
-        rng=parallel.place(jax.random.key_data(jax.random.key(cfg.seed)), mesh),
+    state = initial_state(trainable, optimizer, cfg.seed)
+    state = dataclasses.replace(
+        parallel.place(state, mesh), opt_state=parallel.place(state.opt_state, mesh, shard=cfg.shard_params)
     )
 
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep_checkpoints, save_interval_steps=cfg.checkpoint_every
-        ),
-    )
+    manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     if manager.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        state = checkpoints.restore(manager, state)
     start = int(state.step)
 
     step_fn = make_train_step(
@@ -174,7 +164,7 @@ def erase(cfg: EraseConfig) -> Path:
             bar.set_postfix(loss=f"{float(loss):.3e}")
             bar.update(1)
             # Every checkpoint_every steps, and always at the end or on SIGTERM.
-            manager.save(step + 1, args=ocp.args.StandardSave(state), force=stop.received or step + 1 == cfg.iterations)
+            checkpoints.save(manager, state, force=stop.received or step + 1 == cfg.iterations)
             if stop.received:
                 break
     finally:

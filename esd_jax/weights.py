@@ -4,6 +4,7 @@
 there; every other tensor is stored identically. Conversion in both directions is exact.
 """
 
+import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -92,3 +93,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
     save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    # safetensors creates the file owner-only; give it the permissions any other new file gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

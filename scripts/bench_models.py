@@ -4,7 +4,10 @@
     python scripts/bench_models.py --full     # the real SD 1.4 UNet config at 64x64 (slow on a CPU)
 
 Each framework runs in its own subprocess so that peak resident memory (ru_maxrss) is its own;
-"activation memory" is that peak minus the resident size once the weights are loaded.
+the peak is reset once the weights are loaded (so loading's transient copies don't count), and
+"activation memory" is the peak minus the resident size at that point. The parent writes the random
+weights to a safetensors file that both workers read, so the JAX worker never imports PyTorch (whose
+libraries alone would add about 190 MB to its resident size).
 """
 
 import argparse
@@ -12,7 +15,9 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 SD14 = dict(
     sample_size=64,
@@ -38,6 +43,12 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak() -> None:
+    """Restarts the peak (ru_maxrss, VmHWM) from the current resident size (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def inputs(config: dict, batch: int):
     import numpy as np
 
@@ -50,20 +61,48 @@ def inputs(config: dict, batch: int):
     )
 
 
-def torch_weights(config: dict):
+def save_random_weights(config: dict, path: Path) -> tuple[int, int]:
+    """A seeded random diffusers UNet's state dict, written to `path`; returns (parameters, attn2 parameters)."""
     import torch
     from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(**config).eval()
+    model = UNet2DConditionModel(**config)
+    save_file(model.state_dict(), str(path))
+    return (
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for name, p in model.named_parameters() if "attn2" in name),
+    )
 
 
-def run_torch(config: dict, batch: int, repeats: int) -> dict:
+def load_torch_unet(config: dict, path: Path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    model = UNet2DConditionModel(**config).eval()
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
+def load_jax_unet(config: dict, path: Path):
+    from flax import nnx
+
+    from esd_jax import weights
+    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    weights.load_state_dict(model, weights.read_safetensors(path), source=str(path))
+    return model
+
+
+def run_torch(config: dict, weights_file: Path, batch: int, repeats: int) -> dict:
     import torch
 
-    model = torch_weights(config)
+    model = load_torch_unet(config, weights_file)
     x, t, c = (torch.tensor(a) for a in inputs(config, batch))
     base = rss_mb()
+    reset_peak()
     with torch.inference_mode():
         model(x, t, c)
         start = time.perf_counter()
@@ -73,22 +112,16 @@ def run_torch(config: dict, batch: int, repeats: int) -> dict:
     return dict(seconds=seconds, activation_mb=peak_mb() - base, peak_mb=peak_mb(), checksum=float(out.abs().mean()))
 
 
-def run_jax(config: dict, batch: int, repeats: int) -> dict:
+def run_jax(config: dict, weights_file: Path, batch: int, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from esd_jax import weights
-    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
-
-    tensors = {k: v.numpy() for k, v in torch_weights(config).state_dict().items()}
-    model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
-    weights.load_state_dict(model, tensors, source="bench")
-    del tensors
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(load_jax_unet(config, weights_file))
     forward = jax.jit(lambda state, x, t, c: nnx.merge(graphdef, state)(x, t, c))
     x, t, c = (jnp.asarray(a) for a in inputs(config, batch))
     base = rss_mb()
+    reset_peak()
     forward(state, x, t, c).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -103,21 +136,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = SD14 if args.full else REDUCED
     if args.worker:
         runner = run_jax if args.worker == "jax" else run_torch
-        print(json.dumps(runner(config, args.batch, args.repeats)))
+        print(json.dumps(runner(config, args.weights, args.batch, args.repeats)))
         return
     results = {}
-    for worker in ("torch", "jax"):
-        cmd = [sys.executable, __file__, "--worker", worker, "--batch", str(args.batch), "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd + (["--full"] if args.full else []), capture_output=True, text=True, check=True)
-        results[worker] = json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_file = Path(tmp) / "unet.safetensors"
+        parameters, _ = save_random_weights(config, weights_file)
+        for worker in ("torch", "jax"):
+            cmd = [sys.executable, __file__, "--worker", worker, "--weights", str(weights_file)]
+            cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats)] + (["--full"] if args.full else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[worker] = json.loads(out.stdout.strip().splitlines()[-1])
     j, t = results["jax"], results["torch"]
     name = "SD 1.4 UNet" if args.full else "SD-shaped UNet (128-256-512-512)"
     size = config["sample_size"]
-    print(f"{name}, batch {args.batch}, {size}x{size} latents, float32, CPU, mean of {args.repeats} forwards")
+    print(f"{name}, {parameters / 1e6:.1f}M parameters, batch {args.batch}, {size}x{size} latents, float32, CPU")
+    print(f"mean of {args.repeats} forwards after one warm-up (compiling) forward; each framework in its own process")
     print(f"{'':22s}{'torch':>10s}{'jax':>10s}{'jax/torch':>11s}")
     print(f"{'seconds / forward':22s}{t['seconds']:10.3f}{j['seconds']:10.3f}{j['seconds'] / t['seconds']:11.2f}")
     print(

@@ -120,3 +120,11 @@ def tiny_pipeline(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """The SD1-shaped tiny pipeline as a diffusers folder."""
+    folder = tmp_path_factory.mktemp("sd1-folder")
+    build_torch_pipeline("sd1").save_pretrained(folder)
+    return folder

@@ -1,0 +1,219 @@
+"""Erase runs end to end: outputs, resumption after SIGTERM or a kill, multi-host, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import esd_jax
+from esd_jax import weights
+from esd_jax.config import EraseConfig, default_config
+from esd_jax.errors import UserError
+from esd_jax.export import export_run
+from esd_jax.partition import trainable_keys
+from esd_jax.train import erase
+
+ITERATIONS = 4
+DELTA = "esd-red_circle_van_gogh-from-red_circle_van_gogh-esdx.safetensors"
+
+
+def settings(model: Path, workdir: Path, **overrides) -> dict:
+    return (
+        dict(
+            model=str(model),
+            concept="red circle|van gogh",
+            method="esd-x",
+            iterations=ITERATIONS,
+            learning_rate=1e-3,
+            ddim_steps=4,
+            checkpoint_every=2,
+            seed=3,
+            workdir=str(workdir),
+        )
+        | overrides
+    )
+
+
+def config(**values) -> EraseConfig:
+    cfg = default_config()
+    cfg.update(values)
+    return EraseConfig.from_config_dict(cfg)
+
+
+def cli_args(values: dict) -> list[str]:
+    return ["erase", "--config", "configs/esd_x.py", *(f"--config.{k}={v}" for k, v in values.items())]
+
+
+def esd_jax_cli(args: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    """`esd-jax ARGS` in a fresh process with the 4 CPU devices this test process has."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "esd_jax.cli", *args],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_run(sd1_folder, tmp_path_factory):
+    """One uninterrupted run in this process (4 devices, 1 sample each)."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    delta = erase(config(**settings(sd1_folder, workdir)))
+    return workdir, load_file(delta)
+
+
+def test_run_leaves_delta_metrics_plot_config_and_checkpoints(sd1_folder, reference_run, tmp_path):
+    workdir, delta = reference_run
+    assert (workdir / DELTA).is_file()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
+    assert all(r["loss"] > 0 and len(r["k"]) == 4 and all(0 <= k < 4 for k in r["k"]) for r in rows)
+    assert (workdir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((workdir / "config.json").read_text())["concept"] == "red circle|van gogh"
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+    # The delta holds exactly the trained parameters; the exported folder carries them, the rest untouched.
+    original = esd_jax.load_pipeline(sd1_folder)
+    keys = trainable_keys(original.unet, "esd-x")
+    assert set(delta) == keys
+    export_run(workdir, tmp_path / "exported")
+    exported = load_file(tmp_path / "exported" / "unet" / "diffusion_pytorch_model.safetensors")
+    before = weights.state_dict(original.unet)
+    for key, value in before.items():
+        if key in keys:
+            assert np.array_equal(exported[key], delta[key]) and not np.array_equal(value, delta[key]), key
+        else:
+            assert np.array_equal(exported[key], value), key
+
+
+def test_extending_a_finished_run_equals_running_longer(sd1_folder, reference_run, tmp_path):
+    _, delta = reference_run
+    erase(config(**settings(sd1_folder, tmp_path, iterations=2)))
+    resumed = load_file(erase(config(**settings(sd1_folder, tmp_path))))
+    assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
+
+
+def wait_for_steps(workdir: Path, n: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_resumes_to_the_same_weights(sd1_folder, reference_run, tmp_path, sig):
+    _, delta = reference_run
+    values = settings(sd1_folder, tmp_path, checkpoint_every=1)
+    process = esd_jax_cli(cli_args(values))
+    wait_for_steps(tmp_path, 1, process)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=300)
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0, err
+        assert "the same command resumes" in out or (tmp_path / DELTA).exists()  # it may have just finished
+        assert (tmp_path / "checkpoints").is_dir()
+    else:
+        assert process.returncode == -signal.SIGKILL
+    process = esd_jax_cli(cli_args(values))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    resumed = load_file(tmp_path / DELTA)
+    assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_result_of_one(sd1_folder, reference_run, tmp_path):
+    """jax.distributed on localhost, 2 processes x 2 CPU devices, against 1 process x 4 devices."""
+    _, delta = reference_run
+    port = free_port()
+    flags = os.environ["XLA_FLAGS"].replace("device_count=4", "device_count=2")
+    processes = [
+        esd_jax_cli(
+            cli_args(settings(sd1_folder, tmp_path)),
+            env={
+                "XLA_FLAGS": flags,
+                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    for p in processes:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err
+    multi = load_file(tmp_path / DELTA)
+    for key in delta:
+        np.testing.assert_allclose(multi[key], delta[key], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd1_folder, tmp_path):
+    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d; stopped, keeping the last good"):
+        erase(config(**settings(sd1_folder, tmp_path, learning_rate=1e30, checkpoint_every=1, iterations=6)))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] == rows[-1]["step"] and np.isfinite(rows[-1]["loss"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"concept": ""}, "config.concept='': give the concept to erase"),
+        ({"method": "esd-q"}, "config.method='esd-q': unknown method; choose one of esd-x, esd-x-strict"),
+        ({"iterations": 0}, "config.iterations=0: must be a positive integer"),
+        ({"learning_rate": 0.0}, "config.learning_rate=0.0: must be positive"),
+        ({"erase_from": "a|b|c"}, "give one prompt, or one per concept (2)"),
+    ],
+)
+def test_bad_settings_are_refused(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(**(settings(Path("m"), Path("w")) | overrides))
+
+
+def test_bad_resolution_and_foreign_workdir_are_refused(sd1_folder, reference_run, tmp_path):
+    with pytest.raises(UserError, match=r"config.resolution=18: this model takes multiples of 4 pixels \(native: 16\)"):
+        erase(config(**settings(sd1_folder, tmp_path, resolution=18)))
+    workdir, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    with pytest.raises(UserError, match="holds a run with concept='red circle|van gogh', not 'green'"):
+        erase(config(**settings(sd1_folder, workdir, concept="green")))
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    for args, message in [
+        (["erase", "--config", "configs/esd_x.py", "--config.nonsense=1"], "bad flag or config override (nonsense)"),
+        (["erase", "--config", "configs/missing.py"], "cannot load the config file 'configs/missing.py'"),
+        (["erase", "--config", "configs/esd_x.py", "--config.concept=x", "--config.method=bad"], "unknown method"),
+        (["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")], "holds no erase run"),
+    ]:
+        out, err = esd_jax_cli(args).communicate(timeout=120)
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_help_lists_every_config_key():
+    out, _ = esd_jax_cli(["erase", "--help"]).communicate(timeout=120)
+    for key in ml_collections.ConfigDict(default_config()).keys():
+        assert f"--config.{key}=" in out
