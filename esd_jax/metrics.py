@@ -45,8 +45,9 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
     window = max(1, len(loss) // 20)
     smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(step, loss, lw=0.8, alpha=0.35, color="tab:blue", label="loss")
-    ax.plot(step[window - 1 :], smooth, lw=2, color="tab:blue", label=f"mean of {window} steps")
+    ax.plot(step, loss, lw=0.8, alpha=0.35 if window > 1 else 1.0, color="tab:blue", label="loss")
+    if window > 1:
+        ax.plot(step[window - 1 :], smooth, lw=2, color="tab:blue", label=f"mean of {window} steps")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("ESD loss (MSE to the negatively guided target)")

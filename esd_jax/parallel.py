@@ -11,10 +11,11 @@ AXIS = "data"
 
 
 def initialize_distributed() -> None:
-    """Joins a multi-host run (a TPU pod slice, a GPU cluster); a no-op on one host.
+    """Joins a multi-host run; a no-op on one host. Every host runs the same command.
 
-    On TPU pods and under SLURM/Open MPI, `jax.distributed.initialize()` finds its peers by itself;
-    elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name them.
+    ESD_JAX_MULTIHOST=1: `jax.distributed.initialize()` finds its peers itself (Cloud TPU pod
+    slices, SLURM, Open MPI). JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID name
+    them explicitly (any cluster; the tests run 2 processes on localhost this way).
     """
     if jax.distributed.is_initialized():
         return
@@ -26,7 +27,7 @@ def initialize_distributed() -> None:
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    elif os.environ.get("ESD_JAX_MULTIHOST") == "1":
         jax.distributed.initialize()
 
 

@@ -208,3 +208,36 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
         model_index=model_index,
         source=root,
     )
+
+
+def new_pipeline(
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    text_config: dict[str, Any],
+    tokenizer: CLIPTokenizer,
+    scheduler_config: dict[str, Any],
+    seed: int = 0,
+) -> StableDiffusion:
+    """A randomly initialised pipeline (float32) from diffusers/transformers config dicts."""
+    rngs = nnx.Rngs(seed)
+    unet_cfg, vae_cfg = unet.UNetConfig.from_dict(unet_config), vae.VAEConfig.from_dict(vae_config)
+    text_cfg = clip.CLIPTextConfig.from_dict(text_config)
+    return StableDiffusion(
+        unet=unet.UNet2DConditionModel(unet_cfg, rngs=rngs),
+        text_encoder=clip.CLIPTextModel(text_cfg, rngs=rngs),
+        vae=vae.AutoencoderKL(vae_cfg, rngs=rngs),
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        configs={"unet": unet_cfg.to_dict(), "vae": vae_cfg.to_dict(), "text_encoder": text_cfg.to_dict()},
+        model_index={
+            "_class_name": "StableDiffusionPipeline",
+            "scheduler": ["diffusers", scheduler_config.get("_class_name", "DDIMScheduler")],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+    )

@@ -209,3 +209,27 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: model ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_new_pipeline_saves_a_folder_diffusers_loads(tmp_path):
+    """A pipeline built from scratch (scripts/make_tiny_pipeline.py) computes what diffusers computes from it."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "tiny"
+    subprocess.run(
+        [sys.executable, "scripts/make_tiny_pipeline.py", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=Path(__file__).parents[1],
+    )
+    ours = esd_jax.load_pipeline(out)
+    ref = StableDiffusionPipeline.from_pretrained(out)
+    ids = ref.tokenizer(["a photo of a dog"], padding="max_length", max_length=16, return_tensors="np").input_ids
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        text = ref.text_encoder(torch.tensor(ids)).last_hidden_state
+        want = ref.unet(torch.tensor(latents), 500, text).sample.numpy()
+        image = ref.vae.decode(torch.tensor(latents)).sample.numpy()
+    assert rel_err(ours.text_encoder(jnp.asarray(ids)), text.numpy()) <= 1e-4
+    assert rel_err(ours.unet(jnp.asarray(latents), 500, jnp.asarray(text.numpy())), want) <= 1e-4
+    assert rel_err(ours.vae.decode(jnp.asarray(latents)), image) <= 1e-4

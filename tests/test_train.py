@@ -105,6 +105,13 @@ def test_extending_a_finished_run_equals_running_longer(sd1_folder, reference_ru
     assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
 
 
+def test_sharded_frozen_weights_and_optimizer_state_give_the_same_weights(sd1_folder, reference_run, tmp_path):
+    _, delta = reference_run
+    sharded = load_file(erase(config(**settings(sd1_folder, tmp_path, shard_params=True))))
+    for key in delta:
+        np.testing.assert_allclose(sharded[key], delta[key], rtol=1e-6, atol=1e-7)
+
+
 def wait_for_steps(workdir: Path, n: int, process: subprocess.Popen, timeout: float = 300) -> None:
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + timeout
