@@ -10,22 +10,14 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
+from conftest import SHAPES
 from esd_jax import weights
 from esd_jax.errors import UserError
 from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 TINY = {
     # int head count, 1x1-conv projections, a DownBlock2D / UpBlock2D pair: the SD 1.x shape.
-    "sd1": dict(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ),
+    "sd1": SHAPES["sd1"]["unet"],
     # Per-block head counts, linear projections, upcast attention: the SD 2.x shape. It also sets what
     # SD leaves at the default but the code implements (per-block layer counts and depths, padding 0,
     # the timestep embedding's flip and shift, centring, the mid-block scale) so no branch goes untested.

@@ -14,6 +14,7 @@ from flax import nnx
 
 from esd_jax.errors import UserError
 from esd_jax.models.attention import attention
+from esd_jax.models.blocks import Downsample2D, Upsample2D
 from esd_jax.models.layers import Conv2d, Dtype, GroupNorm, Linear
 
 # Every normalisation in diffusers' Encoder and Decoder uses this epsilon, not GroupNorm's 1e-5.
@@ -111,27 +112,6 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
-class Downsample(nnx.Module):
-    def __init__(self, channels: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        # diffusers pads (0, 1) on each spatial axis and then convolves unpadded (Downsample2D with padding=0).
-        self.conv = Conv2d(
-            channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
-
-
-class Upsample(nnx.Module):
-    def __init__(self, channels: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.conv = Conv2d(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
-        b, h, w, c = x.shape
-        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return self.conv(x)
-
-
 class SpatialAttention(nnx.Module):
     """One head attending over all pixels, the whole channel vector as its head (diffusers' Attention)."""
 
@@ -167,7 +147,35 @@ class MidBlock(nnx.Module):
         return self.resnets[1](x)
 
 
-class DownBlock(nnx.Module):
+class ResnetStack(nnx.Module):
+    """`num_layers` resnets, the first taking `in_channels`; the shared body of the encoder and decoder blocks."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        groups: int,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups, **kw)
+                for j in range(num_layers)
+            ]
+        )
+
+    def run_resnets(self, x: jax.Array) -> jax.Array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x
+
+
+class DownBlock(ResnetStack):
     """diffusers' DownEncoderBlock2D."""
 
     def __init__(
@@ -182,22 +190,16 @@ class DownBlock(nnx.Module):
         param_dtype: Dtype,
         rngs: nnx.Rngs,
     ):
+        super().__init__(in_channels, out_channels, num_layers, groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups, **kw)
-                for j in range(num_layers)
-            ]
-        )
-        self.downsamplers = nnx.List([Downsample(out_channels, **kw)]) if add_downsample else None
+        self.downsamplers = nnx.List([Downsample2D(out_channels, 0, **kw)]) if add_downsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = self.run_resnets(x)
         return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
-class UpBlock(nnx.Module):
+class UpBlock(ResnetStack):
     """diffusers' UpDecoderBlock2D."""
 
     def __init__(
@@ -212,18 +214,12 @@ class UpBlock(nnx.Module):
         param_dtype: Dtype,
         rngs: nnx.Rngs,
     ):
+        super().__init__(in_channels, out_channels, num_layers, groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List(
-            [
-                ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups, **kw)
-                for j in range(num_layers)
-            ]
-        )
-        self.upsamplers = nnx.List([Upsample(out_channels, **kw)]) if add_upsample else None
+        self.upsamplers = nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = self.run_resnets(x)
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
