@@ -9,15 +9,20 @@ from esd_jax.errors import UserError
 from esd_jax.esd import TrainState
 
 
-def open_manager(workdir: Path, *, every: int = 1, keep: int | None = None, read_only: bool = False):
-    """Saves every `every` steps (and when forced), keeping the last `keep`; `read_only` for exports."""
+def open_manager(
+    workdir: Path, *, every: int = 1, keep: int | None = None, read_only: bool = False, config: dict | None = None
+):
+    """Saves every `every` steps (and when forced), keeping the last `keep`; `read_only` for exports.
+
+    `config`, the run's settings, is stored beside the checkpoints as Orbax metadata.
+    """
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
         # A fixed interval only: Orbax's default policy would also save the very first step.
         policy = ocp.checkpoint_managers.FixedIntervalPolicy(every)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_decision_policy=policy)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options, metadata=config)
 
 
 def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:

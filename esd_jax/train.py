@@ -115,7 +115,9 @@ def erase(cfg: EraseConfig) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    manager = checkpoints.open_manager(
+        workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, config=dataclasses.asdict(cfg)
+    )
     if manager.latest_step() is not None:
         state = checkpoints.restore(manager, state)
     start = int(state.step)
