@@ -78,10 +78,70 @@ def export(argv: list[str]) -> None:
     print(f"exported: {out}")
 
 
+def sample(argv: list[str]) -> None:
+    fv = flags.FlagValues()
+    flags.DEFINE_string(
+        "model", None, "A diffusers folder or hub id (default: the --workdir run's model).", flag_values=fv
+    )
+    flags.DEFINE_string("workdir", None, "Sample from this erase run's latest checkpoint.", flag_values=fv)
+    flags.DEFINE_string(
+        "esd", None, "Sample with an official-format ESD delta (.safetensors, diffusers keys).", flag_values=fv
+    )
+    flags.DEFINE_string("prompt", None, "One prompt (its images: OUT/0_<i>.png).", flag_values=fv)
+    flags.DEFINE_string(
+        "prompts",
+        None,
+        "A CSV with columns prompt, evaluation_seed, case_number (images: OUT/<case>_<i>.png).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out", None, "Output folder; images already there are not made again.", flag_values=fv, required=True
+    )
+    flags.DEFINE_integer("steps", 50, "Denoising steps.", flag_values=fv)
+    flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).", flag_values=fv)
+    flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "The seed of --prompt (a CSV gives each row's evaluation_seed).", flag_values=fv)
+    flags.DEFINE_integer("resolution", None, "Image side in pixels (default: the model's native size).", flag_values=fv)
+    flags.DEFINE_enum("scheduler", "ddim", ["ddim", "dpm++"], "DDIM or DPM-Solver++ (2M).", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per compiled call, over all devices.", flag_values=fv)
+    flags.DEFINE_bool(
+        "compare",
+        False,
+        "Also sample the base model (OUT/base/) and write both side by side in OUT/compare.png.",
+        flag_values=fv,
+    )
+    parse(fv, argv)
+    from esd_jax.sampling import sample_to_folder
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else Path(value)
+
+    made = sample_to_folder(
+        model=fv.model,
+        out=Path(fv.out),
+        prompt=fv.prompt,
+        prompts=path(fv.prompts),
+        workdir=path(fv.workdir),
+        esd=path(fv.esd),
+        compare=fv.compare,
+        seed=fv.seed,
+        num_per_prompt=fv.num_per_prompt,
+        steps=fv.steps,
+        guidance=fv.guidance,
+        scheduler=fv.scheduler,
+        resolution=fv.resolution,
+        dtype=fv.dtype,
+        batch_size=fv.batch_size,
+    )
+    print(f"sampled {made} images into {fv.out}")
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),
+    "sample": (sample, "sample images from a prompt or a prompt CSV, base or erased model; resumes a run"),
 }
 
 

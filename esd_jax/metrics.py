@@ -30,7 +30,9 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
 
-def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
+def plot_loss(
+    metrics_path: Path, out: Path, title: str, ylabel: str = "ESD loss (MSE to the negatively guided target)"
+) -> None:
     """The loss per step and its running mean, on a log scale (the ESD loss spans decades)."""
     import matplotlib
 
@@ -50,7 +52,7 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
         ax.plot(step[window - 1 :], smooth, lw=2, color="tab:blue", label=f"mean of {window} steps")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("ESD loss (MSE to the negatively guided target)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend()

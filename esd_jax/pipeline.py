@@ -217,15 +217,35 @@ def new_pipeline(
     tokenizer: CLIPTokenizer,
     scheduler_config: dict[str, Any],
     seed: int = 0,
+    abstract: bool = False,
 ) -> StableDiffusion:
-    """A randomly initialised pipeline (float32) from diffusers/transformers config dicts."""
-    rngs = nnx.Rngs(seed)
+    """A randomly initialised pipeline (float32) from diffusers/transformers config dicts.
+
+    With `abstract` the parameters are shapes only (nnx.eval_shape), for a caller that fills them: eager
+    random initialisation compiles one XLA program per parameter shape, which takes minutes on a busy CPU.
+    """
     unet_cfg, vae_cfg = unet.UNetConfig.from_dict(unet_config), vae.VAEConfig.from_dict(vae_config)
     text_cfg = clip.CLIPTextConfig.from_dict(text_config)
+    if abstract:
+        modules = [
+            nnx.eval_shape(lambda cls=cls, cfg=cfg: cls(cfg, rngs=nnx.Rngs(seed)))
+            for cls, cfg in (
+                (unet.UNet2DConditionModel, unet_cfg),
+                (clip.CLIPTextModel, text_cfg),
+                (vae.AutoencoderKL, vae_cfg),
+            )
+        ]
+    else:
+        rngs = nnx.Rngs(seed)
+        modules = [
+            unet.UNet2DConditionModel(unet_cfg, rngs=rngs),
+            clip.CLIPTextModel(text_cfg, rngs=rngs),
+            vae.AutoencoderKL(vae_cfg, rngs=rngs),
+        ]
     return StableDiffusion(
-        unet=unet.UNet2DConditionModel(unet_cfg, rngs=rngs),
-        text_encoder=clip.CLIPTextModel(text_cfg, rngs=rngs),
-        vae=vae.AutoencoderKL(vae_cfg, rngs=rngs),
+        unet=modules[0],
+        text_encoder=modules[1],
+        vae=modules[2],
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         configs={"unet": unet_cfg.to_dict(), "vae": vae_cfg.to_dict(), "text_encoder": text_cfg.to_dict()},

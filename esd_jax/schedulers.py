@@ -1,7 +1,9 @@
-"""The DDPM noise schedule and the DDIM step as pure functions of arrays (traceable under jit).
+"""The DDPM noise schedule, the DDIM step and DPM-Solver++ (2M) as pure functions (traceable under jit).
 
-Equal to diffusers' DDIMScheduler built from a pipeline's scheduler_config (`DDIMScheduler.from_config`),
-so the same config gives the same timesteps and the same updates.
+Equal to diffusers' DDIMScheduler and DPMSolverMultistepScheduler built from a pipeline's
+scheduler_config (`DDIMScheduler.from_config`, `DPMSolverMultistepScheduler.from_config`): the same
+config gives the same timesteps and the same updates. Each reads the keys its diffusers class knows
+and takes that class's defaults for the rest, as `from_config` does.
 """
 
 import dataclasses
@@ -31,6 +33,30 @@ DEFAULTS = dict(
 )
 
 
+def check_supported(c: dict[str, Any], key: str, supported: tuple) -> None:
+    if c[key] not in supported:
+        raise UserError(
+            f"scheduler config: {key}={c[key]!r} is not supported; supported: {', '.join(map(repr, supported))}"
+        )
+
+
+def train_alphas_cumprod(c: dict[str, Any]) -> np.ndarray:
+    """alpha-bar of each training timestep [num_train_timesteps] float32, as diffusers computes it."""
+    n = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        betas = np.asarray(c["trained_betas"], np.float32)
+    else:
+        check_supported(c, "beta_schedule", ("linear", "scaled_linear"))
+        if c["beta_schedule"] == "linear":
+            betas = np.linspace(c["beta_start"], c["beta_end"], n, dtype=np.float32)
+        else:
+            betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
+    for key in ("thresholding", "rescale_betas_zero_snr"):
+        check_supported(c, key, (False,))
+    check_supported(c, "prediction_type", ("epsilon", "v_prediction"))
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
     alphas_cumprod: np.ndarray  # [num_train_timesteps] float32
@@ -45,31 +71,8 @@ class NoiseSchedule:
     def from_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
         c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
         n = c["num_train_timesteps"]
-        if c["trained_betas"] is not None:
-            betas = np.asarray(c["trained_betas"], np.float32)
-        elif c["beta_schedule"] == "linear":
-            betas = np.linspace(c["beta_start"], c["beta_end"], n, dtype=np.float32)
-        elif c["beta_schedule"] == "scaled_linear":
-            betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
-        else:
-            raise UserError(
-                f"scheduler config: beta_schedule={c['beta_schedule']!r} is not supported; "
-                "supported: 'linear', 'scaled_linear'"
-            )
-        for key in ("thresholding", "rescale_betas_zero_snr"):
-            if c[key]:
-                raise UserError(f"scheduler config: {key}=True is not supported; supported: False")
-        if c["prediction_type"] not in ("epsilon", "v_prediction"):
-            raise UserError(
-                f"scheduler config: prediction_type={c['prediction_type']!r} is not supported; "
-                "supported: 'epsilon', 'v_prediction'"
-            )
-        if c["timestep_spacing"] not in ("leading", "trailing", "linspace"):
-            raise UserError(
-                f"scheduler config: timestep_spacing={c['timestep_spacing']!r} is not supported; "
-                "supported: 'leading', 'trailing', 'linspace'"
-            )
-        alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+        alphas_cumprod = train_alphas_cumprod(c)
+        check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
         return cls(
             alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=1.0 if c["set_alpha_to_one"] else float(alphas_cumprod[0]),
@@ -114,3 +117,149 @@ def ddim_step(
     if schedule.clip_sample is not None:
         x0 = jnp.clip(x0, -schedule.clip_sample, schedule.clip_sample)
     return (jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1 - alpha_prev) * eps).astype(sample.dtype)
+
+
+# DPMSolverMultistepScheduler's defaults: DPM-Solver++ (2M), as `DPMSolverMultistepScheduler.from_config(
+# pipe.scheduler.config)` builds it from a config of another class.
+DPM_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    solver_order=2,
+    prediction_type="epsilon",
+    thresholding=False,
+    algorithm_type="dpmsolver++",
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    use_lu_lambdas=False,
+    use_flow_sigmas=False,
+    final_sigmas_type="zero",
+    lambda_min_clipped=-float("inf"),
+    variance_type=None,
+    timestep_spacing="linspace",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverSchedule:
+    """DPM-Solver++ (Lu et al. 2022), multistep, first or second order, deterministic."""
+
+    alphas_cumprod: np.ndarray  # [num_train_timesteps] float32
+    num_train_timesteps: int
+    prediction_type: str
+    solver_order: int
+    solver_type: str  # "midpoint" or "heun": the second-order correction
+    lower_order_final: bool  # first-order steps at the end of short (< 15 step) schedules
+    euler_at_final: bool
+    final_sigmas_type: str  # "zero": the last step lands on x_0; "sigma_min": on the lowest training noise
+    lambda_min_clipped: float
+    timestep_spacing: str
+    steps_offset: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "DPMSolverSchedule":
+        c = {**DPM_DEFAULTS, **{k: v for k, v in config.items() if k in DPM_DEFAULTS}}
+        # Names of other solvers' configs that diffusers maps onto DPM-Solver++ (DEIS, UniPC).
+        c["algorithm_type"] = "dpmsolver++" if c["algorithm_type"] == "deis" else c["algorithm_type"]
+        c["solver_type"] = "midpoint" if c["solver_type"] in ("logrho", "bh1", "bh2") else c["solver_type"]
+        alphas_cumprod = train_alphas_cumprod(c)
+        check_supported(c, "algorithm_type", ("dpmsolver++",))
+        check_supported(c, "solver_order", (1, 2))
+        check_supported(c, "solver_type", ("midpoint", "heun"))
+        check_supported(c, "final_sigmas_type", ("zero", "sigma_min"))
+        check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
+        check_supported(c, "variance_type", (None,))
+        for key in (
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_lu_lambdas",
+            "use_flow_sigmas",
+        ):
+            check_supported(c, key, (False,))
+        return cls(
+            alphas_cumprod=alphas_cumprod,
+            num_train_timesteps=int(c["num_train_timesteps"]),
+            prediction_type=c["prediction_type"],
+            solver_order=int(c["solver_order"]),
+            solver_type=c["solver_type"],
+            lower_order_final=bool(c["lower_order_final"]),
+            euler_at_final=bool(c["euler_at_final"]),
+            final_sigmas_type=c["final_sigmas_type"],
+            lambda_min_clipped=float(c["lambda_min_clipped"]),
+            timestep_spacing=c["timestep_spacing"],
+            steps_offset=int(c["steps_offset"]),
+        )
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """The inference timesteps, highest first (DPMSolverMultistepScheduler.set_timesteps)."""
+        n = self.num_train_timesteps
+        if not 0 < steps < n:
+            raise UserError(f"the number of DPM-Solver++ sampling steps must be in 1..{n - 1}, got {steps}")
+        ac = self.alphas_cumprod
+        lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))
+        last = n - int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
+        if self.timestep_spacing == "linspace":
+            t = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif self.timestep_spacing == "leading":
+            t = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1].astype(np.int64) + self.steps_offset
+        else:  # trailing
+            t = np.arange(last, 0, -n / steps).round().astype(np.int64) - 1
+        if len(np.unique(t)) != len(t):
+            raise UserError(f"{steps} DPM-Solver++ steps repeat timesteps in this schedule; use fewer steps")
+        return t
+
+    def coefficients(self, steps: int) -> np.ndarray:
+        """[N, 5] float32 per step: alpha_s, sigma_s (to turn the model output into x_0) and ratio, w0, w1
+        of the update x_next = ratio * x + w0 * x0 + w1 * (x0 - x0_prev), as diffusers computes them."""
+        timesteps = self.timesteps(steps)
+        ac = self.alphas_cumprod
+        sigmas = (((1 - ac) / ac) ** 0.5).astype(np.float32)
+        last = sigmas[0] if self.final_sigmas_type == "sigma_min" else np.float32(0)
+        sigmas = np.concatenate([sigmas[timesteps], [last]]).astype(np.float32)
+        alpha = (1 / (sigmas**2 + 1) ** 0.5).astype(np.float32)
+        sigma = (sigmas * alpha).astype(np.float32)
+        with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = inf, exp(-h) = 0
+            lam = np.log(alpha) - np.log(sigma)
+        n = len(timesteps)
+        rows = []
+        for i in range(n):
+            h = lam[i + 1] - lam[i]
+            ratio = sigma[i + 1] / sigma[i]
+            w0 = -(alpha[i + 1] * (np.exp(-h) - np.float32(1)))
+            final = i == n - 1 and (
+                self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
+            )
+            w1 = np.float32(0)
+            if self.solver_order == 2 and i > 0 and not final:
+                r0 = (lam[i] - lam[i - 1]) / h
+                if self.solver_type == "midpoint":
+                    w1 = np.float32(0.5) * w0 / r0
+                else:
+                    w1 = alpha[i + 1] * ((np.exp(-h) - np.float32(1)) / h + np.float32(1)) / r0
+            rows.append([alpha[i], sigma[i], ratio, w0, w1])
+        return np.asarray(rows, np.float32)
+
+
+def dpm_solver_step(
+    schedule: DPMSolverSchedule, coefficients: jax.Array, model_output: jax.Array, sample: jax.Array, x0_prev: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One DPM-Solver++ update with one row of `schedule.coefficients(steps)`; returns (x_next, x0) and
+    takes the previous step's x0 (any array at the first step, whose w1 is 0)."""
+    alpha_s, sigma_s, ratio, w0, w1 = (coefficients[k] for k in range(5))
+    x = sample.astype(jnp.float32)
+    out = model_output.astype(jnp.float32)
+    if schedule.prediction_type == "epsilon":
+        x0 = (x - sigma_s * out) / alpha_s
+    else:  # v_prediction
+        x0 = alpha_s * x - sigma_s * out
+    x_next = ratio * x + w0 * x0 + w1 * (x0 - x0_prev)
+    return x_next.astype(sample.dtype), x0

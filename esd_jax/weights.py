@@ -86,7 +86,12 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, np.ndarray], *, so
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except TypeError:  # bfloat16 tensors (the official ESD code saves its deltas so): numpy lacks the dtype
+            from safetensors.flax import load_file as load_jax
+
+            return {k: np.asarray(v) for k, v in load_jax(str(path)).items()}
     except Exception as e:  # safetensors raises bare exceptions for truncated or foreign files
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 

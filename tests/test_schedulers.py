@@ -1,13 +1,13 @@
-"""DDIM timesteps and steps against diffusers' DDIMScheduler on the same inputs."""
+"""DDIM and DPM-Solver++ timesteps and steps against diffusers' schedulers on the same inputs."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 from esd_jax.errors import UserError
-from esd_jax.schedulers import NoiseSchedule, ddim_step
+from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
 
 SD14 = dict(
     beta_start=0.00085,
@@ -57,3 +57,35 @@ def test_unsupported_settings_name_the_key():
         NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     with pytest.raises(UserError, match="sampling steps must be in 1..1000, got 0"):
         NoiseSchedule.from_config(SD14).timesteps(0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # SD 1.4's config read as DPM-Solver++: linspace spacing (DPM's default), epsilon
+        {"timestep_spacing": "leading"},
+        {"timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        {"final_sigmas_type": "sigma_min", "solver_type": "heun"},
+        {"euler_at_final": True, "lower_order_final": False},
+    ],
+)
+@pytest.mark.parametrize("steps", [20, 7])
+def test_dpm_solver_matches_diffusers(overrides, steps):
+    config = dict(PNDMScheduler(**SD14).config) | overrides
+    config.pop("_use_default_values")
+    ref = DPMSolverMultistepScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    schedule = DPMSolverSchedule.from_config(config)
+    timesteps = schedule.timesteps(steps)
+    np.testing.assert_array_equal(timesteps, ref.timesteps.numpy())
+    coefficients = jnp.asarray(schedule.coefficients(steps))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    want, got, x0 = torch.tensor(x), jnp.asarray(x), jnp.zeros(x.shape)
+    for i, t in enumerate(timesteps):
+        out = rng.standard_normal(x.shape).astype(np.float32)
+        want = ref.step(torch.tensor(out), int(t), want).prev_sample
+        got, x0 = dpm_solver_step(schedule, coefficients[i], jnp.asarray(out), got, x0)
+        scale = max(1.0, float(want.abs().max()))
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {i}")

@@ -1,7 +1,14 @@
 """The one attention function every network calls, so a faster kernel is swapped in here alone."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+# Above this many scores per head (Lq * Lk), CPUs take the per-head path: XLA's implementation writes
+# all B * H score matrices at once, and on a CPU that round trip through memory, not the arithmetic,
+# is the cost (SD's 64x64-latent self-attention: 4096^2 scores per head, 8 heads a sample).
+CPU_PER_HEAD_SCORES = 128 * 128
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, upcast: bool = False) -> jax.Array:
@@ -15,5 +22,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     # XLA's implementation on every backend; on GPU "cudnn" (flash attention, half precision only)
     # and on TPU a splash-attention kernel are the drop-in replacements.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    xla = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+    if q.shape[1] * k.shape[1] < CPU_PER_HEAD_SCORES:
+        out = xla(q, k, v)
+    else:
+        out = jax.lax.platform_dependent(q, k, v, cpu=functools.partial(per_head, causal=causal), default=xla)
     return out.astype(dtype)
+
+
+def per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:
+    """The same attention one (sample, head) at a time, so each score matrix stays in the CPU's cache;
+    precision as jax.nn.dot_product_attention's: float32 scores and softmax, probabilities in v's dtype."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+
+    def heads(t: jax.Array) -> jax.Array:  # [B, L, H, D] -> [B * H, L, D]
+        return t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], d)
+
+    def one(qkv):
+        qi, ki, vi = qkv  # [Lq, D], [Lk, D], [Lk, D]
+        logits = jnp.einsum("td,sd->ts", qi, ki, preferred_element_type=jnp.float32) * jnp.float32(d**-0.5)
+        if causal:
+            logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool)), logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(vi.dtype)
+        return jnp.einsum("ts,sd->td", probs, vi)
+
+    out = jax.lax.map(one, (heads(q), heads(k), heads(v)))  # [B * H, Lq, D]
+    return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)

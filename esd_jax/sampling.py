@@ -1,0 +1,586 @@
+"""Compiled classifier-free-guided sampling over the device mesh; prompt CSVs; the base-vs-erased grid.
+
+One jit-compiled function per (batch shape, settings) encodes the prompts, runs the whole denoising
+loop (a `lax.fori_loop`, the conditional and unconditional halves of guidance in one UNet call) and
+decodes the latents; each device of the mesh runs its share of the batch.
+
+Reproducibility: image i of a prompt with seed s starts from the noise
+    jax.random.normal(jax.random.fold_in(jax.random.key(s), i), latent_shape)    # float32
+so it depends only on (prompt, seed, i, settings), never on the device count or the batch size.
+(The module is `sampling`, not `sample`: a submodule named like the package's `esd_jax.sample`
+function would replace that function on the package once imported.)
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from esd_jax import parallel
+from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+from esd_jax.parallel import AXIS
+from esd_jax.pipeline import StableDiffusion
+from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
+
+SCHEDULERS = ("ddim", "dpm++")
+CSV_COLUMNS = ("prompt", "evaluation_seed", "case_number")
+MAX_SEED = 2**32 - 1  # seeds are uint32: jax.random.key's range
+MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the compiled function depends on besides array shapes (hashable: a jit static arg)."""
+
+    steps: int
+    guidance: float
+    scheduler: str  # "ddim" or "dpm++"
+    scheduler_config: str  # the pipeline's scheduler_config as sorted JSON
+    latent_shape: tuple[int, int, int]  # (C, H, W)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image to make: image `index` (of num_per_prompt) of `prompt` with `seed`."""
+
+    prompt: str
+    seed: int
+    index: int
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def initial_noise(seeds: jax.Array, indices: jax.Array, *, shape: tuple[int, int, int]) -> jax.Array:
+    """[B, C, H, W] float32: row b is normal(fold_in(key(seeds[b]), indices[b]))."""
+    return jax.vmap(lambda s, i: jax.random.normal(jax.random.fold_in(jax.random.key(s), i), shape))(seeds, indices)
+
+
+def denoise(unet, settings: Settings, latents: jax.Array, cond: jax.Array, null: jax.Array) -> jax.Array:
+    """The sampling loop from `latents` [B, C, H, W] under text embeddings `cond` [B, L, D] and `null` [L, D].
+
+    As diffusers' StableDiffusionPipeline: guidance applies when > 1, with the unconditional half first.
+    """
+    config = json.loads(settings.scheduler_config)
+    b = latents.shape[0]
+    guided = settings.guidance > 1.0
+    context = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond]) if guided else cond  # [2B or B, L, D]
+
+    def model(x: jax.Array, t: jax.Array) -> jax.Array:
+        if not guided:
+            return unet(x, jnp.full((b,), t), context).astype(jnp.float32)
+        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), jnp.full((2 * b,), t), context), 2)
+        e_null, e_cond = e_null.astype(jnp.float32), e_cond.astype(jnp.float32)
+        return e_null + settings.guidance * (e_cond - e_null)
+
+    if settings.scheduler == "ddim":
+        schedule = NoiseSchedule.from_config(config)
+        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
+        prev = jnp.asarray(schedule.prev_timesteps(settings.steps))
+
+        def body(i, carry):
+            x, unused = carry
+            return ddim_step(schedule, model(x, timesteps[i]), timesteps[i], prev[i], x), unused
+
+    else:
+        schedule = DPMSolverSchedule.from_config(config)
+        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
+        coefficients = jnp.asarray(schedule.coefficients(settings.steps))
+
+        def body(i, carry):
+            x, x0_prev = carry
+            return dpm_solver_step(schedule, coefficients[i], model(x, timesteps[i]), x, x0_prev)
+
+    x, _ = jax.lax.fori_loop(0, len(timesteps), body, (latents, jnp.zeros_like(latents)))
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "mesh"))
+def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: Settings, mesh: Mesh):
+    """(images [B, H, W, 3] float32 in [0, 1], final latents [B, C, h, w]) for one global batch.
+
+    `states` (unet, text encoder, VAE) are replicated; token ids [B, L] and latents are sharded over the
+    mesh's data axis, and every device samples and decodes its own rows.
+    """
+
+    def local(states, cond_ids, null_ids, latents):
+        unet, text_encoder, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
+        cond = text_encoder(cond_ids)  # [b, L, D]
+        null = text_encoder(null_ids[None])[0]  # [L, D]
+        x = denoise(unet, settings, latents, cond, null)
+        images = vae.decode(x / vae.scaling_factor).astype(jnp.float32)  # [b, 3, H, W] in [-1, 1]
+        return jnp.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1), x
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(), P(AXIS)),
+        out_specs=(P(AXIS), P(AXIS)),
+        check_vma=False,
+    )(states, cond_ids, null_ids, latents)
+
+
+def latent_size(pipe: StableDiffusion, resolution: int | None) -> tuple[int, int, int]:
+    """(C, h, w) of the latents for `resolution` pixels (None: the model's native size)."""
+    vae_factor = 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(pipe.configs["unet"]["down_block_types"]) - 1)
+    native = pipe.configs["unet"]["sample_size"] * vae_factor
+    size = native if resolution is None else resolution
+    if size <= 0 or size % (vae_factor * unet_factor):
+        raise UserError(
+            f"resolution {size}: this model takes positive multiples of {vae_factor * unet_factor} pixels "
+            f"(native: {native})"
+        )
+    return pipe.configs["unet"]["in_channels"], size // vae_factor, size // vae_factor
+
+
+class Sampler:
+    """One pipeline's networks placed on a mesh, and the settings they sample with."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusion,
+        *,
+        steps: int = 50,
+        guidance: float = 7.5,
+        scheduler: str = "ddim",
+        resolution: int | None = None,
+        batch_size: int = 8,
+        mesh: Mesh | None = None,
+    ):
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"scheduler {scheduler!r} is not supported; choose one of {', '.join(SCHEDULERS)}")
+        if steps < 1:
+            raise UserError(f"the number of sampling steps must be at least 1, got {steps}")
+        if batch_size < 1:
+            raise UserError(f"the batch size must be at least 1, got {batch_size}")
+        if not math.isfinite(guidance):
+            raise UserError(f"the guidance scale must be a finite number, got {guidance}")
+        self.mesh = parallel.make_mesh() if mesh is None else mesh
+        self.settings = Settings(
+            steps=steps,
+            guidance=float(guidance),
+            scheduler=scheduler,
+            scheduler_config=json.dumps(pipe.scheduler_config, sort_keys=True),
+            latent_shape=latent_size(pipe, resolution),
+        )
+        # Build the schedule now, so an unsupported config or step count fails before any compiling.
+        if scheduler == "ddim":
+            NoiseSchedule.from_config(pipe.scheduler_config).timesteps(steps)
+        else:
+            DPMSolverSchedule.from_config(pipe.scheduler_config).coefficients(steps)
+        n = self.mesh.devices.size
+        self.batch_size = -(-batch_size // n) * n  # a multiple of the device count: every device gets rows
+        self.tokenizer = pipe.tokenizer
+        modules = (pipe.unet, pipe.text_encoder, pipe.vae)
+        self.graphdefs = tuple(nnx.graphdef(m) for m in modules)
+        self.states = parallel.place(tuple(nnx.state(m) for m in modules), self.mesh)
+        self.null_ids = parallel.place(self.token_ids([""])[0], self.mesh)
+
+    def set_unet(self, unet: nnx.Module) -> None:
+        """Samples with these UNet weights from now on (the same architecture: nothing recompiles)."""
+        self.states = (parallel.place(nnx.state(unet), self.mesh), *self.states[1:])
+
+    def token_ids(self, prompts: list[str]) -> np.ndarray:
+        tokenizer = self.tokenizer
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+        ).input_ids.astype(np.int32)
+
+    def sharded(self, x: np.ndarray) -> jax.Array:
+        """A global array sharded over the mesh's data axis from the same host array on every host."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, parallel.batch_sharded(self.mesh), lambda index: x[index])
+
+    def batches(
+        self, items: Sequence[Item], latents: np.ndarray | None = None, *, gather: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Samples `items` in batches; yields (positions in `items`, images [k, H, W, 3] float32 in [0, 1],
+        final latents [k, C, h, w]) for the rows this host holds (every row with `gather`).
+
+        `latents` [len(items), C, h, w], if given, replace the seeded initial noise. The next batch is
+        dispatched before the previous one is handed over, so the devices work while the host writes.
+        """
+        shape = self.settings.latent_shape
+        if latents is not None and np.shape(latents) != (len(items), *shape):
+            raise UserError(f"latents of shape {np.shape(latents)}; expected {(len(items), *shape)}")
+        for item in items:
+            if not 0 <= item.seed <= MAX_SEED:
+                raise UserError(f"seed {item.seed} of prompt {item.prompt!r} is outside 0..{MAX_SEED}")
+        pending = None
+        for start in range(0, len(items), self.batch_size):
+            chunk = list(items[start : start + self.batch_size])
+            rows = chunk + [chunk[0]] * (self.batch_size - len(chunk))  # padding, dropped below
+            if latents is None:
+                seeds = self.sharded(np.asarray([r.seed for r in rows], np.uint32))
+                indices = self.sharded(np.asarray([r.index for r in rows], np.int32))
+                x = initial_noise(seeds, indices, shape=shape)
+            else:
+                x = np.asarray(latents[start : start + len(chunk)], np.float32)
+                x = self.sharded(np.concatenate([x, np.repeat(x[:1], len(rows) - len(chunk), axis=0)]))
+            ids = self.sharded(self.token_ids([r.prompt for r in rows]))
+            out = generate_batch(
+                self.states,
+                ids,
+                self.null_ids,
+                x,
+                graphdefs=self.graphdefs,
+                settings=self.settings,
+                mesh=self.mesh,
+            )
+            if pending is not None:
+                yield fetch(*pending, gather=gather)
+            pending = (start, len(chunk), out)
+        if pending is not None:
+            yield fetch(*pending, gather=gather)
+
+
+def fetch(start: int, count: int, out: tuple[jax.Array, jax.Array], *, gather: bool):
+    """Host copies of this host's rows of a batch (all rows with `gather`), padding dropped."""
+    images, latents = out
+    if gather:
+        from jax.experimental import multihost_utils
+
+        rows = np.arange(count)
+        images, latents = (np.asarray(multihost_utils.process_allgather(a, tiled=True))[:count] for a in out)
+        return start + rows, images, latents
+    parts = []
+    for image_shard, latent_shard in zip(images.addressable_shards, latents.addressable_shards, strict=True):
+        lo, hi, _ = image_shard.index[0].indices(images.shape[0])
+        keep = min(hi, count) - lo
+        if keep > 0:
+            parts.append((np.arange(lo, lo + keep), image_shard.data[:keep], latent_shard.data[:keep]))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, *images.shape[1:]), np.float32), np.zeros((0, *latents.shape[1:]))
+    rows, image_rows, latent_rows = zip(*parts, strict=True)
+    return start + np.concatenate(rows), np.concatenate(image_rows), np.concatenate(latent_rows)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounded as diffusers' numpy_to_pil does."""
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def make_items(prompts: str | Sequence[str], seeds: int | Sequence[int], num_per_prompt: int) -> list[Item]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(prompts):
+        raise UserError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed, or one per prompt")
+    if num_per_prompt < 1:
+        raise UserError(f"num_per_prompt must be at least 1, got {num_per_prompt}")
+    return [Item(p, int(s), i) for p, s in zip(prompts, seeds, strict=True) for i in range(num_per_prompt)]
+
+
+def generate(
+    pipe: StableDiffusion,
+    prompts: str | Sequence[str],
+    *,
+    seeds: int | Sequence[int] = 0,
+    num_per_prompt: int = 1,
+    latents: np.ndarray | None = None,
+    **settings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, H, W, 3] float32 in [0, 1], final latents [N, C, h, w]); see `sample`."""
+    items = make_items(prompts, seeds, num_per_prompt)
+    sampler = Sampler(pipe, **settings)
+    images = np.zeros((len(items), 0))
+    final = None
+    for positions, image_rows, latent_rows in sampler.batches(items, latents, gather=True):
+        if final is None:
+            images = np.zeros((len(items), *image_rows.shape[1:]), np.float32)
+            final = np.zeros((len(items), *latent_rows.shape[1:]), np.float32)
+        images[positions], final[positions] = image_rows, latent_rows
+    return images, final
+
+
+def sample(
+    pipe: StableDiffusion,
+    prompts: str | Sequence[str],
+    *,
+    seeds: int | Sequence[int] = 0,
+    num_per_prompt: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    scheduler: str = "ddim",
+    resolution: int | None = None,
+    batch_size: int = 8,
+    mesh: Mesh | None = None,
+    latents: np.ndarray | None = None,
+) -> np.ndarray:
+    """Images [len(prompts) * num_per_prompt, H, W, 3] uint8, prompt by prompt.
+
+    `seeds`: one for all prompts or one per prompt; image i of a prompt starts from the noise
+    normal(fold_in(key(seed), i)), or from `latents` [N, C, h, w] when given. `scheduler` "ddim" or
+    "dpm++" (DPM-Solver++ 2M); `resolution` in pixels (None: the model's native size); `batch_size`
+    images per compiled call over all devices of `mesh` (default: every device).
+    """
+    images, _ = generate(
+        pipe,
+        prompts,
+        seeds=seeds,
+        num_per_prompt=num_per_prompt,
+        latents=latents,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        resolution=resolution,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
+    return to_uint8(images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompt CSVs and output folders.
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRow:
+    prompt: str
+    seed: int
+    case_number: int
+
+
+def read_prompts_csv(path: Path) -> list[PromptRow]:
+    """The rows of an ESD evaluation CSV: columns prompt, evaluation_seed, case_number (others ignored)."""
+    if not path.is_file():
+        raise UserError(f"prompt file {path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames
+            if not columns:
+                raise UserError(f"{path} is empty; a prompt CSV has a header row with {', '.join(CSV_COLUMNS)}")
+            for column in CSV_COLUMNS:
+                if column not in columns:
+                    raise UserError(
+                        f"{path} has no column {column!r}; a prompt CSV has the columns {', '.join(CSV_COLUMNS)} "
+                        f"(found: {', '.join(c for c in columns if c)})"
+                    )
+            rows, seen = [], {}
+            for record in reader:
+                line = reader.line_num
+                seed = integer(record["evaluation_seed"], path, line, "evaluation_seed")
+                if not 0 <= seed <= MAX_SEED:
+                    raise UserError(f"{path} line {line}: evaluation_seed {seed} is outside 0..{MAX_SEED}")
+                case = integer(record["case_number"], path, line, "case_number")
+                if case in seen:
+                    raise UserError(
+                        f"{path} line {line}: case_number {case} repeats line {seen[case]}; "
+                        "each row needs its own (it names the images)"
+                    )
+                seen[case] = line
+                rows.append(PromptRow(record["prompt"] or "", seed, case))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason}); save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    if not rows:
+        raise UserError(f"{path} has a header but no prompts")
+    return rows
+
+
+def integer(value: str | None, path: Path, line: int, column: str) -> int:
+    text = (value or "").strip()
+    try:
+        number = float(text)
+        if number.is_integer():
+            return int(text) if text.lstrip("+-").isdigit() else int(number)
+    except ValueError:
+        pass
+    raise UserError(f"{path} line {line}: {column} {text!r} is not an integer")
+
+
+# The settings an image depends on; a folder's images are never mixed from two sets of them.
+FOLDER_KEYS = ("model", "workdir", "esd", "prompt", "prompts", "steps", "guidance", "scheduler", "resolution", "dtype")
+
+
+def check_folder(out: Path, settings: dict) -> None:
+    """Records `settings` in `out/sample.json`, refusing a folder whose images were made with others."""
+    path = out / "sample.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in FOLDER_KEYS:
+            if old.get(key) != settings.get(key):
+                raise UserError(
+                    f"{out} holds images sampled with {key}={old.get(key)!r}, not {settings.get(key)!r}; "
+                    "use another --out (or empty that one) to sample with new settings"
+                )
+    elif parallel.is_main_process():
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({k: settings.get(k) for k in FOLDER_KEYS}, indent=2) + "\n")
+
+
+def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], *, desc: str) -> int:
+    """Samples the jobs whose image file does not exist yet and writes them (this host's share);
+    returns how many images all hosts made."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    missing = np.asarray([not path.exists() for _, path in jobs])
+    if jax.process_count() > 1:  # hosts agree on the work (any host lacking an image makes it) before writing
+        from jax.experimental import multihost_utils
+
+        missing = np.asarray(multihost_utils.process_allgather(missing)).reshape(-1, len(jobs)).any(axis=0)
+    todo = [job for job, m in zip(jobs, missing, strict=True) if m]
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc=desc,
+        unit="img",
+        disable=not parallel.is_main_process(),
+        dynamic_ncols=True,
+    )
+    with bar:
+        done = 0
+        for positions, images, _ in sampler.batches([item for item, _ in todo]):
+            for position, image in zip(positions, to_uint8(images), strict=True):
+                with atomic_file(todo[position][1]) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
+            # Every host holds an equal share of each batch's rows, so the global count advances by
+            # the batch's real rows; counting this host's rows times the process count would overshoot.
+            count = min(sampler.batch_size, len(todo) - done)
+            done += count
+            bar.update(count)
+    return len(todo)
+
+
+def compare_grid(rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]]):
+    """A PIL image: one row per prompt (its text above), base images then erased images."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    h, w = rows[0][1][0].shape[:2]
+    per_side = len(rows[0][1])
+    gap, label = 8, 16  # pixels between the two halves; height of a text line
+    width = max(2 * per_side * w + gap, 256)
+    grid = Image.new("RGB", (width, label + len(rows) * (label + h)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 2), "base", fill="black", font=font)
+    draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
+    for r, (prompt, base, erased) in enumerate(rows):
+        top = label + r * (label + h)
+        text = prompt
+        while text and draw.textlength(text, font=font) > width - 4:
+            text = text[:-2] + "…"
+        draw.text((2, top + 2), text, fill="black", font=font)
+        for c, image in enumerate(base):
+            grid.paste(Image.fromarray(image), (c * w, top + label))
+        for c, image in enumerate(erased):
+            grid.paste(Image.fromarray(image), (per_side * w + gap + c * w, top + label))
+    return grid
+
+
+def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) -> Path:
+    from PIL import Image
+
+    def read(folder: Path, row: PromptRow) -> list[np.ndarray]:
+        return [
+            np.asarray(Image.open(folder / f"{row.case_number}_{i}.png").convert("RGB")) for i in range(num_per_prompt)
+        ]
+
+    shown = prompt_rows[:MAX_GRID_ROWS]
+    if len(prompt_rows) > len(shown):
+        print(f"compare.png shows the first {len(shown)} of {len(prompt_rows)} prompts")
+    grid = compare_grid([(row.prompt, read(out / "base", row), read(out, row)) for row in shown])
+    path = out / "compare.png"
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def sample_to_folder(
+    *,
+    model: str | None,
+    out: Path,
+    prompt: str | None = None,
+    prompts: Path | None = None,
+    workdir: Path | None = None,
+    esd: Path | None = None,
+    compare: bool = False,
+    seed: int = 0,
+    num_per_prompt: int = 1,
+    steps: int = 50,
+    guidance: float = 7.5,
+    scheduler: str = "ddim",
+    resolution: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 8,
+) -> int:
+    """What `esd-jax sample` does: images `{case_number}_{i}.png` in `out` for a prompt or a prompt CSV,
+    from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
+    `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
+    Images already in `out` are kept, so a rerun continues an interrupted one. Returns how many it made.
+    """
+    from esd_jax.export import apply_delta, apply_run, read_run_config
+    from esd_jax.pipeline import load_pipeline
+
+    if (prompt is None) == (prompts is None):
+        raise UserError("give either --prompt TEXT or --prompts FILE.csv")
+    if workdir is not None and esd is not None:
+        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
+    if compare and workdir is None and esd is None:
+        raise UserError("--compare needs the erased model: give --workdir RUN or --esd FILE.safetensors")
+    if esd is not None and not esd.is_file():
+        raise UserError(f"--esd {esd}: no such file")
+    if num_per_prompt < 1:
+        raise UserError(f"--num_per_prompt must be at least 1, got {num_per_prompt}")
+    if prompt is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
+    rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
+    if model is None:
+        if workdir is None:
+            raise UserError("give --model (a diffusers folder or hub id), or --workdir of an erase run")
+        model = read_run_config(workdir).model
+
+    parallel.initialize_distributed()
+    check_folder(
+        out,
+        dict(
+            model=model,
+            workdir=workdir and str(workdir.absolute()),
+            esd=esd and str(esd.absolute()),
+            prompt=prompt,
+            prompts=prompts and str(prompts.absolute()),
+            steps=steps,
+            guidance=guidance,
+            scheduler=scheduler,
+            resolution=resolution,
+            dtype=dtype,
+        ),
+    )
+    pipe = load_pipeline(model, dtype=dtype)
+    sampler = Sampler(
+        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=batch_size
+    )
+
+    def jobs(folder: Path) -> list[tuple[Item, Path]]:
+        return [
+            (Item(row.prompt, row.seed, i), folder / f"{row.case_number}_{i}.png")
+            for row in rows
+            for i in range(num_per_prompt)
+        ]
+
+    made = 0
+    if compare:
+        made += write_images(sampler, jobs(out / "base"), desc="base model")
+    if workdir is not None or esd is not None:
+        apply_run(pipe, workdir) if workdir is not None else apply_delta(pipe, esd)
+        sampler.set_unet(pipe.unet)
+    made += write_images(sampler, jobs(out), desc="erased model" if workdir or esd else "sampling")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("esd-jax sample: images written")
+    if compare and parallel.is_main_process():
+        write_compare(out, rows, num_per_prompt)
+    return made

@@ -1,0 +1,31 @@
+"""The CPU per-head attention path against jax.nn.dot_product_attention (XLA's), values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esd_jax.models.attention import CPU_PER_HEAD_SCORES, attention, per_head
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_per_head_attention_equals_xla(causal, dtype, tol):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 136, 3, 8)), dtype) for _ in range(3))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    got = jax.jit(lambda q, k, v: per_head(q, k, v, causal=causal))(q, k, v)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_long_sequences_take_the_per_head_path_with_the_same_gradients():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 160, 2, 8)), jnp.float32) for _ in range(3))
+    assert q.shape[1] * k.shape[1] >= CPU_PER_HEAD_SCORES
+
+    def loss(fn):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(loss(attention), loss(jax.nn.dot_product_attention), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
