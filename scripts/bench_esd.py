@@ -63,10 +63,13 @@ def run_jax(folder: Path, iterations: int) -> dict:
     del unet
     original = jax.tree.map(jnp.copy, trainable)
     embeddings = np.load(folder / "prompts.npz")
-    prompts = Prompts(concept=jnp.asarray(embeddings["concept"])[None], erase_from=None, null=embeddings["null"])
-    prompts = jax.tree.map(jnp.asarray, prompts)
-    base = rss_mb()
+    prompts = Prompts(concept=embeddings["concept"][None], erase_from=None, null=embeddings["null"])
+    # Placed as esd_jax.train places them: the step's outputs come back with these shardings, so
+    # unplaced inputs would make the second call compile again.
+    mesh = parallel.make_mesh()
+    original, frozen, prompts = (parallel.place(x, mesh) for x in (original, frozen, prompts))
     reset_peak()
+    base = rss_mb()
 
     objective = Objective(
         negative_guidance=1.0,
@@ -83,9 +86,8 @@ def run_jax(folder: Path, iterations: int) -> dict:
         opt_state=optimizer.init(trainable),
         rng=jax.random.key_data(jax.random.key(SEED)),
     )
-    step = make_train_step(
-        graphdef, NoiseSchedule.from_config(SCHEDULER), objective, optimizer, parallel.make_mesh(), 1
-    )
+    state = parallel.place(state, mesh)
+    step = make_train_step(graphdef, NoiseSchedule.from_config(SCHEDULER), objective, optimizer, mesh, 1)
     seconds, ks, losses = [], [], []
     for i in range(iterations + 1):
         began = time.perf_counter()
@@ -98,6 +100,8 @@ def run_jax(folder: Path, iterations: int) -> dict:
             first_peak = peak_mb()
             reset_peak()  # from here on: the steady state, without the compiler
     steady_peak = peak_mb()
+    if step._cache_size() != 1:
+        sys.exit(f"the step compiled {step._cache_size()} times; the timings include compiling")
 
     # The noise each iteration started from, drawn as esd.local_loss_and_grads draws it (the step
     # donated state.rng, hence a new copy of the key).
@@ -141,8 +145,8 @@ def run_torch(folder: Path, iterations: int, ks: list[int], grads: str) -> dict:
     embeddings = np.load(folder / "prompts.npz")
     erase_embeds, null_embeds = (torch.tensor(embeddings[key])[None] for key in ("concept", "null"))
     noises = torch.tensor(np.load(folder / "noise.npy"))
-    base = rss_mb()
     reset_peak()
+    base = rss_mb()
 
     seconds, losses = [], []
     for i, k in enumerate(ks):
