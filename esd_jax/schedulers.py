@@ -57,6 +57,19 @@ def train_alphas_cumprod(c: dict[str, Any]) -> np.ndarray:
     return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
+SD1_DDIM_CONFIG = {  # SD 1.x's training schedule and sampler, as its scheduler_config.json gives them
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
     alphas_cumprod: np.ndarray  # [num_train_timesteps] float32

@@ -20,6 +20,7 @@ Each framework runs in its own subprocess (JAX first, then PyTorch) so its resid
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,8 @@ def worker(name: str, folder: Path, iterations: int, extra: list[str]) -> dict:
     out = subprocess.run(cmd + extra, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"the {name} worker failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # The 1-minute load average as the worker ends: it alone accounts for about the core count.
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -249,6 +251,17 @@ def main() -> None:
     row("working set MB, timed iterations", t["steady_peak_mb"] - t["base_mb"], j["steady_peak_mb"] - j["base_mb"])
     diff = max(abs(a - b) / abs(b) for a, b in zip(j["loss"], t["loss"], strict=True))
     print(f"loss, same weights, k and noise: max relative difference {diff:.1e} over {len(t['loss'])} iterations")
+    busy = max(t["load"], j["load"]) > (os.cpu_count() or 1) + 0.5
+    print(
+        f"1-minute load average as each worker ended: torch {t['load']:.1f}, jax {j['load']:.1f} on "
+        f"{os.cpu_count()} cores"
+        + (
+            ": other processes shared the CPU, and torch's spinning OpenMP threads slow down far more than "
+            "XLA's under sharing; rerun on a quiet machine before reading the time ratio"
+            if busy
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,19 +10,10 @@ import argparse
 from pathlib import Path
 
 from esd_jax.pipeline import new_pipeline
+from esd_jax.schedulers import SD1_DDIM_CONFIG
 from esd_jax.tokenizer import make_clip_tokenizer
 
 WORDS = ["a", "photo", "painting", "of", "by", "red", "green", "blue", "circle", "square", "van", "gogh", "dog"]
-SCHEDULER = {  # SD 1.x's training schedule, as its scheduler_config.json gives it
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
 
 
 def main() -> None:
@@ -64,7 +55,7 @@ def main() -> None:
             pad_token_id=tokenizer.pad_token_id,
         ),
         tokenizer=tokenizer,
-        scheduler_config=SCHEDULER,
+        scheduler_config=SD1_DDIM_CONFIG,
         seed=args.seed,
     )
     pipe.save_pretrained(args.out)

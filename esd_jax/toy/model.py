@@ -18,20 +18,9 @@ from transformers import CLIPTokenizer
 
 from esd_jax.models.layers import Embedding
 from esd_jax.pipeline import StableDiffusion, new_pipeline
+from esd_jax.schedulers import SD1_DDIM_CONFIG as SCHEDULER
 from esd_jax.tokenizer import make_clip_tokenizer
 from esd_jax.toy import world
-
-SCHEDULER = {  # SD 1.x's training schedule and sampler, as its scheduler_config.json gives them
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
 
 
 @dataclasses.dataclass(frozen=True)
