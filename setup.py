@@ -7,6 +7,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["esd_jax", "esd_jax.*"]),
+    # The embedded toy pipeline (`--model toy`), a diffusers folder of about 8 MB.
+    package_data={
+        "esd_jax.toy": ["pipeline/*.json", "pipeline/*/*.json", "pipeline/*/*.txt", "pipeline/*/*.safetensors"]
+    },
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -18,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.23",
         "numpy>=1.26",
+        "scipy>=1.11",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "pillow>=10",

@@ -9,5 +9,6 @@ from esd_jax.config import default_config
 
 def get_config():
     config = default_config()
+    config.model = "CompVis/stable-diffusion-v1-4"
     config.method = "esd-x-strict"
     return config

@@ -13,7 +13,7 @@ from esd_jax.errors import UserError
 
 def info(argv: list[str]) -> None:
     fv = flags.FlagValues()
-    flags.DEFINE_string("model", None, "A diffusers folder or a Hugging Face hub id.", flag_values=fv, required=True)
+    flags.DEFINE_string("model", "toy", "A diffusers folder, a hub id, or toy (the embedded model).", flag_values=fv)
     flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.", flag_values=fv)
     parse(fv, argv)
     from esd_jax.summary import describe
@@ -81,7 +81,10 @@ def export(argv: list[str]) -> None:
 def sample(argv: list[str]) -> None:
     fv = flags.FlagValues()
     flags.DEFINE_string(
-        "model", None, "A diffusers folder or hub id (default: the --workdir run's model).", flag_values=fv
+        "model",
+        None,
+        "A diffusers folder, a hub id or toy (default: the --workdir run's model, else toy).",
+        flag_values=fv,
     )
     flags.DEFINE_string("workdir", None, "Sample from this erase run's latest checkpoint.", flag_values=fv)
     flags.DEFINE_string(
@@ -97,8 +100,10 @@ def sample(argv: list[str]) -> None:
     flags.DEFINE_string(
         "out", None, "Output folder; images already there are not made again.", flag_values=fv, required=True
     )
-    flags.DEFINE_integer("steps", 50, "Denoising steps.", flag_values=fv)
-    flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "Denoising steps (default: 50; the toy model's 25).", flag_values=fv)
+    flags.DEFINE_float(
+        "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 2).", flag_values=fv
+    )
     flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "The seed of --prompt (a CSV gives each row's evaluation_seed).", flag_values=fv)
     flags.DEFINE_integer("resolution", None, "Image side in pixels (default: the model's native size).", flag_values=fv)
@@ -137,8 +142,49 @@ def sample(argv: list[str]) -> None:
     print(f"sampled {made} images into {fv.out}")
 
 
+def evaluate(argv: list[str]) -> None:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model", None, "The base model (default: the --workdir run's model, else toy).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The erased model: this erase run's latest checkpoint.", flag_values=fv)
+    flags.DEFINE_string("esd", None, "The erased model: an official-format ESD delta (.safetensors).", flag_values=fv)
+    flags.DEFINE_string(
+        "concept", None, "The erased concept: a colour, shape or style (default: the run's concept).", flag_values=fv
+    )
+    flags.DEFINE_string("json", None, "Also write the report to this JSON file.", flag_values=fv)
+    flags.DEFINE_string(
+        "grid", None, "The picture (default: evaluate-<concept>.png in the workdir, else here).", flag_values=fv
+    )
+    from esd_jax.toy.evaluate import Settings, run
+
+    defaults = Settings()
+    flags.DEFINE_integer("num_per_prompt", defaults.num_per_prompt, "Images per prompt and model.", flag_values=fv)
+    flags.DEFINE_integer("steps", defaults.steps, "DDIM steps.", flag_values=fv)
+    flags.DEFINE_float("guidance", defaults.guidance, "Classifier-free guidance scale.", flag_values=fv)
+    flags.DEFINE_integer(
+        "seed", defaults.seed, "Image i of every prompt starts from the noise of (seed, i).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "batch_size", defaults.batch_size, "Images per compiled call, over all devices.", flag_values=fv
+    )
+    parse(fv, argv)
+
+    def path(value: str | None) -> Path | None:
+        return None if value is None else Path(value)
+
+    run(
+        model=fv.model,
+        concept=fv.concept,
+        workdir=path(fv.workdir),
+        esd=path(fv.esd),
+        json_path=path(fv.json),
+        grid=path(fv.grid),
+        settings=Settings(fv.num_per_prompt, fv.steps, fv.guidance, fv.seed, fv.batch_size),
+    )
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
+    "evaluate": (evaluate, "toy model: how often the erased concept still appears, and what else changed"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),
     "sample": (sample, "sample images from a prompt or a prompt CSV, base or erased model; resumes a run"),

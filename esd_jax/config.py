@@ -16,7 +16,7 @@ from esd_jax.pipeline import DTYPES
 
 @dataclasses.dataclass(frozen=True)
 class EraseConfig:
-    model: str = "CompVis/stable-diffusion-v1-4"  # a diffusers folder or hub id
+    model: str = "toy"  # a diffusers folder, a hub id, or "toy": the embedded toy pipeline
     concept: str = ""  # the prompt to erase; several separated by "|", one drawn per sample
     erase_from: str = ""  # optional prompt(s) to erase it from (official esd_sd.py's --erase_from); "": none
     method: str = "esd-x"  # which weights train; see esd_jax.partition.METHODS

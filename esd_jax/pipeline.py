@@ -103,7 +103,14 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def locate(model: str | os.PathLike) -> Path:
-    """A local folder for `model`: the folder itself, or the hub snapshot from huggingface_hub's cache."""
+    """A local folder for `model`: the embedded toy pipeline ("toy"), the folder itself, or the hub
+    snapshot from huggingface_hub's cache. (A local folder named toy is "./toy".)"""
+    from esd_jax import toy
+
+    if str(model) == toy.EMBEDDED_NAME:
+        if not (toy.EMBEDDED / "model_index.json").is_file():
+            raise UserError(f"the embedded toy model is missing from {toy.EMBEDDED}; reinstall esd-jax")
+        return toy.EMBEDDED
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

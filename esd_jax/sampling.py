@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import parallel
+from esd_jax import parallel, toy
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.parallel import AXIS
@@ -455,18 +455,20 @@ def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], *, desc: str) 
 
 
 def compare_grid(rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]]):
-    """A PIL image: one row per prompt (its text above), base images then erased images."""
+    """A PIL image: one row per prompt (its text above), base images then erased images (if any)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     h, w = rows[0][1][0].shape[:2]
     per_side = len(rows[0][1])
+    sides = 2 if rows[0][2] else 1
     gap, label = 8, 16  # pixels between the two halves; height of a text line
-    width = max(2 * per_side * w + gap, 256)
+    width = max(sides * per_side * w + (sides - 1) * gap, 256)
     grid = Image.new("RGB", (width, label + len(rows) * (label + h)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((2, 2), "base", fill="black", font=font)
-    draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
+    if sides == 2:
+        draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
     for r, (prompt, base, erased) in enumerate(rows):
         top = label + r * (label + h)
         text = prompt
@@ -509,8 +511,8 @@ def sample_to_folder(
     compare: bool = False,
     seed: int = 0,
     num_per_prompt: int = 1,
-    steps: int = 50,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     scheduler: str = "ddim",
     resolution: int | None = None,
     dtype: str = "float32",
@@ -520,6 +522,7 @@ def sample_to_folder(
     from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
     `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
     Images already in `out` are kept, so a rerun continues an interrupted one. Returns how many it made.
+    `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
     """
     from esd_jax.export import apply_delta, apply_run, read_run_config
     from esd_jax.pipeline import load_pipeline
@@ -538,9 +541,10 @@ def sample_to_folder(
         raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
     rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
     if model is None:
-        if workdir is None:
-            raise UserError("give --model (a diffusers folder or hub id), or --workdir of an erase run")
-        model = read_run_config(workdir).model
+        model = read_run_config(workdir).model if workdir is not None else "toy"
+    defaults = toy.SAMPLING if model == toy.EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance"] if guidance is None else guidance
 
     parallel.initialize_distributed()
     check_folder(

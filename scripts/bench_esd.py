@@ -1,8 +1,10 @@
 """Seconds per ESD iteration and peak memory, esd-jax against the official PyTorch recipe, same weights.
 
     python scripts/bench_esd.py                     # 37.5M-parameter SD-shaped UNet, 32x32 latents, batch 1
-    python scripts/bench_esd.py --iterations 20     # more timed iterations (each costs ~k UNet calls a side)
+    python scripts/bench_esd.py --iterations 16     # more timed iterations (each costs ~k UNet calls a side)
     python scripts/bench_esd.py --torch-grads trained   # torch computes gradients of the trained weights only
+
+The default takes about 3 minutes on an otherwise idle 2-core CPU; results are in docs/benchmarks.md.
 
 One ESD-x iteration: k guided DDIM steps from noise with the frozen UNet, its predictions e_c and e_0 at
 step k, the trainable UNet's prediction, MSE against e_c - 2 (e_c - e_0), backward, Adam on attn2. The
@@ -10,6 +12,7 @@ PyTorch side is written as the official esd_sd.py does it (github.com/rohitgandi
 diffusers UNets, the pipeline's Python loop of UNet calls and scheduler steps (utils/sd_utils.py), e_c and
 e_0 as separate no_grad calls, and every parameter of the trainable UNet requiring grad (only the attn2
 ones are in the optimizer). The text encoder is left out on both sides: prompts are random embeddings.
+Both sides sample with DDIM (the official run uses the SD 1.4 pipeline's default PNDM scheduler).
 
 k is uniform in 0..ddim_steps-1 and the iteration's cost grows with it, so both sides run the same k:
 JAX draws its own inside the compiled step, reports them in its metrics, and the PyTorch worker replays
@@ -249,6 +252,11 @@ def main() -> None:
     row("working set MB (peak - loaded)", t["peak_mb"] - t["base_mb"], j["peak_mb"] - j["base_mb"])
     row("peak RSS MB, timed iterations", t["steady_peak_mb"], j["steady_peak_mb"])
     row("working set MB, timed iterations", t["steady_peak_mb"] - t["base_mb"], j["steady_peak_mb"] - j["base_mb"])
+    # Least squares over the timed iterations: the per-DDIM-step cost (one batch-2 UNet call and a
+    # scheduler step) and the fixed cost (frozen predictions, trainable forward and backward, Adam).
+    (tb, ta), (jb, ja) = (np.polyfit(timed, r["seconds"][1:], 1) for r in (t, j))
+    row("  fit a + b k: a, fixed seconds", ta, ja, fmt="10.2f")
+    row("  fit a + b k: b, seconds / DDIM step", tb, jb, fmt="10.3f")
     diff = max(abs(a - b) / abs(b) for a, b in zip(j["loss"], t["loss"], strict=True))
     print(f"loss, same weights, k and noise: max relative difference {diff:.1e} over {len(t['loss'])} iterations")
     busy = max(t["load"], j["load"]) > (os.cpu_count() or 1) + 0.5

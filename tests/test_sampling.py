@@ -203,7 +203,7 @@ def test_delta_files_in_bfloat16_load_and_unknown_keys_are_named(sd1_folder, tmp
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--prompt", "a"], "give --model"),
+        (["--prompt", "a", "--model", "no/such/folder"], "no such folder, and not a hub id"),
         (["--model", "m"], "give either --prompt TEXT or --prompts FILE.csv"),
         (["--model", "m", "--prompt", "a", "--compare"], "--compare needs the erased model"),
         (["--model", "m", "--prompt", "a", "--esd", "x.safetensors"], "--esd x.safetensors: no such file"),

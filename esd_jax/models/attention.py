@@ -47,5 +47,7 @@ def per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) 
         probs = jax.nn.softmax(logits, axis=-1).astype(vi.dtype)
         return jnp.einsum("ts,sd->td", probs, vi)
 
-    out = jax.lax.map(one, (heads(q), heads(k), heads(v)))  # [B * H, Lq, D]
+    # Rematerialised: the backward recomputes each head's probabilities instead of keeping all B * H of
+    # them from the forward, which is most of an ESD step's working set on a CPU (bit-identical results).
+    out = jax.lax.map(jax.checkpoint(one), (heads(q), heads(k), heads(v)))  # [B * H, Lq, D]
     return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)

@@ -1,0 +1,24 @@
+"""ESD-x erasing "red" from the embedded toy model: the README's first command, a couple of minutes on a CPU.
+
+    esd-jax erase --config configs/toy.py
+    esd-jax evaluate --workdir runs/toy-red
+
+The settings come from the sweep in docs/toy.md (scripts/sweep_toy.py): the paper's learning rate of 1e-5
+barely moves a model this small in a few hundred steps (its ESD loss is about 1e-4).
+"""
+
+from esd_jax.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "toy"
+    config.concept = "red"
+    config.method = "esd-x"
+    config.iterations = 200
+    config.learning_rate = 1e-4
+    config.ddim_steps = 25
+    config.batch_per_device = 4
+    config.checkpoint_every = 100
+    config.workdir = "runs/toy-red"
+    return config

@@ -1,0 +1,299 @@
+"""Measures an erasure on the toy world: how often the erased concept still appears, and what else changed.
+
+A concept of the world (a colour, a shape or a style) splits the prompts into three groups:
+- "concept": prompts that name it ("red", "a red circle", ...). Erasure must drive the concept's rate
+  here to zero, while the other attribute they name (the shape of "a red circle") should survive;
+- "others": prompts that name another value of the same attribute ("green", "a green circle", ...),
+  whose accuracy on that attribute erasure must keep;
+- "unnamed": prompts that do not name the attribute ("a circle"): how often the concept appears unasked.
+Image i of every prompt starts from the same noise for the base and the erased model, so the two
+columns differ only by the edit; the oracle reads every image.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from esd_jax import toy
+from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+from esd_jax.pipeline import StableDiffusion
+from esd_jax.sampling import Sampler, compare_grid, make_items, to_uint8
+from esd_jax.toy import oracle, world
+
+ATTRIBUTES = {"colour": world.COLOURS, "shape": world.SHAPES, "style": world.STYLES}
+# The (colour, shape) pairs that carry a style in the style prompts: every colour and every shape once.
+STYLED_PAIRS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "circle"))
+WORDS = tuple(v for values in ATTRIBUTES.values() for v in values)
+GROUPS = ("concept", "others", "unnamed")
+GRID_IMAGES = 8  # images per prompt and side in the picture
+GRID_ZOOM = 2  # 32-pixel images are too small to look at
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    attribute: str  # "colour", "shape" or "style"
+    value: str  # one of world.COLOURS, world.SHAPES or world.STYLES
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    text: str
+    group: str  # one of GROUPS
+    names: tuple[tuple[str, str], ...]  # (attribute, value) pairs the prompt names
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    num_per_prompt: int = 16
+    steps: int = toy.SAMPLING["steps"]
+    guidance: float = toy.SAMPLING["guidance"]
+    seed: int = 0
+    batch_size: int = 64
+
+
+def parse_concept(text: str) -> Concept:
+    for attribute, values in ATTRIBUTES.items():
+        if text.strip().lower() in values:
+            return Concept(attribute, text.strip().lower())
+    known = "; ".join(f"{a}s: {', '.join(v)}" for a, v in ATTRIBUTES.items())
+    raise UserError(f"concept {text!r} is not a concept of the toy world ({known})")
+
+
+def run_concept(cfg) -> str:
+    """The world word every prompt of an erase run names ("red" for "red|a red circle"), if there is one."""
+    words = set(WORDS)
+    for text in cfg.concepts if cfg is not None else []:
+        words &= {w.strip(",") for w in text.lower().split()}
+    if len(words) != 1:
+        raise UserError("give --concept: a colour, shape or style of the toy world, e.g. --concept red")
+    return words.pop()
+
+
+def prompt(text: str, group: str, **names: str) -> Prompt:
+    return Prompt(text, group, tuple(names.items()))
+
+
+def prompts_for(concept: Concept) -> list[Prompt]:
+    """The concept's prompts, the other values' prompts and the prompts that leave the attribute unnamed."""
+    out = []
+    for value in ATTRIBUTES[concept.attribute]:
+        group = "concept" if value == concept.value else "others"
+        if concept.attribute == "colour":
+            out.append(prompt(value, group, colour=value))
+            out += [prompt(f"a {value} {s}", group, colour=value, shape=s) for s in world.SHAPES]
+        elif concept.attribute == "shape":
+            out.append(prompt(f"a {value}", group, shape=value))
+            out += [prompt(f"a {c} {value}", group, colour=c, shape=value) for c in world.COLOURS]
+        else:
+            out.append(prompt(value, group, style=value))
+            out += [prompt(f"a {c} {s}, {value}", group, colour=c, shape=s, style=value) for c, s in STYLED_PAIRS]
+    if concept.attribute == "colour":
+        out += [prompt(f"a {s}", "unnamed", shape=s) for s in world.SHAPES]
+    elif concept.attribute == "shape":
+        out += [prompt(c, "unnamed", colour=c) for c in world.COLOURS]
+    else:
+        out += [prompt(f"a {c} {s}", "unnamed", colour=c, shape=s) for c, s in STYLED_PAIRS]
+    return out
+
+
+def check_vocabulary(pipe: StableDiffusion, prompts: list[Prompt]) -> None:
+    vocab = pipe.tokenizer.get_vocab()
+    for word in sorted({w.strip(",") for p in prompts for w in p.text.split()}):
+        if f"{word}</w>" not in vocab:
+            raise UserError(
+                f"the model's tokenizer does not know the word {word!r}: evaluate measures the toy world, "
+                "so pass --model toy (or a model trained on it)"
+            )
+
+
+def generate(sampler: Sampler, prompts: list[Prompt], settings: Settings) -> np.ndarray:
+    """Images [len(prompts), num_per_prompt, H, W, 3] uint8, prompt by prompt."""
+    items = make_items([p.text for p in prompts], settings.seed, settings.num_per_prompt)
+    images = None
+    for positions, rows, _ in sampler.batches(items, gather=True):
+        if images is None:
+            images = np.zeros((len(items), *rows.shape[1:]), np.uint8)
+        images[positions] = to_uint8(rows)
+    return images.reshape(len(prompts), settings.num_per_prompt, *images.shape[1:])
+
+
+def read(images: np.ndarray) -> oracle.Reading:
+    """The oracle's reading of uint8 images [..., H, W, 3], flattened to [N]."""
+    flat = images.reshape(-1, *images.shape[-3:]).astype(np.float32) / 127.5 - 1.0
+    return oracle.read(flat.transpose(0, 3, 1, 2))
+
+
+def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict[str, Any]:
+    """Per group and per prompt: the concept's rate and the accuracy on each attribute the prompts name."""
+    reading = read(images)
+    per_image = {a: getattr(reading, a).reshape(len(prompts), -1) for a in ATTRIBUTES}
+
+    def stats(indices: list[int]) -> dict[str, Any]:
+        seen = per_image[concept.attribute][indices]
+        accuracy = {}
+        for attribute in ATTRIBUTES:
+            hits = [
+                per_image[attribute][i] == dict(prompts[i].names)[attribute]
+                for i in indices
+                if attribute in dict(prompts[i].names)
+            ]
+            if hits:
+                accuracy[attribute] = float(np.mean(hits))
+        return {"images": int(seen.size), "concept_rate": float(np.mean(seen == concept.value)), "accuracy": accuracy}
+
+    return {
+        "groups": {g: stats([i for i, p in enumerate(prompts) if p.group == g]) for g in GROUPS},
+        "prompts": {p.text: stats([i]) for i, p in enumerate(prompts)},
+    }
+
+
+def grid_rows(concept: Concept, prompts: list[Prompt]) -> list[int]:
+    """Which prompts the picture shows: every prompt naming the concept, and one full prompt of each other value."""
+    shown, values = [], set()
+    for i, p in enumerate(prompts):
+        names = dict(p.names)
+        if p.group == "concept" or (p.group == "others" and len(names) > 1 and names[concept.attribute] not in values):
+            shown.append(i)
+            values.add(names[concept.attribute])
+    return shown
+
+
+def write_grid(
+    path: Path, concept: Concept, prompts: list[Prompt], base: np.ndarray, erased: np.ndarray | None
+) -> None:
+    def zoom(images: np.ndarray) -> list[np.ndarray]:
+        return [x.repeat(GRID_ZOOM, axis=0).repeat(GRID_ZOOM, axis=1) for x in images[:GRID_IMAGES]]
+
+    rows = [
+        (prompts[i].text, zoom(base[i]), zoom(base[i][:0] if erased is None else erased[i]))
+        for i in grid_rows(concept, prompts)
+    ]
+    with atomic_file(path) as tmp:
+        compare_grid(rows).save(tmp, format="PNG")
+
+
+def evaluate(
+    pipe: StableDiffusion,
+    concept: Concept,
+    erased_unet=None,
+    settings: Settings = Settings(),
+    grid: Path | None = None,
+) -> dict[str, Any]:
+    """Samples every prompt of `concept`'s groups with the base pipeline and, if given, with the erased UNet
+    (an nnx module of the same architecture); writes the picture to `grid`; returns the report (`report`)."""
+    prompts = prompts_for(concept)
+    check_vocabulary(pipe, prompts)
+    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    base = generate(sampler, prompts, settings)
+    erased = None
+    if erased_unet is not None:
+        sampler.set_unet(erased_unet)
+        erased = generate(sampler, prompts, settings)
+    if grid is not None:
+        write_grid(grid, concept, prompts, base, erased)
+    measured = {"base": measure(concept, prompts, base)}
+    if erased is not None:
+        measured["erased"] = measure(concept, prompts, erased)
+    return report(concept, prompts, settings, measured)
+
+
+def report(concept: Concept, prompts: list[Prompt], settings: Settings, measured: dict[str, dict]) -> dict[str, Any]:
+    """The JSON record: the four headline fractions (None for a model not given), then every group and
+    prompt, base and erased."""
+    sides = ("base", "erased")
+    out: dict[str, Any] = {"concept": concept.value, "attribute": concept.attribute}
+    for side in sides:
+        m = measured.get(side)
+        out[f"concept_rate_{side}"] = m["groups"]["concept"]["concept_rate"] if m else None
+    for side in sides:
+        m = measured.get(side)
+        out[f"others_accuracy_{side}"] = m["groups"]["others"]["accuracy"][concept.attribute] if m else None
+    out["settings"] = dataclasses.asdict(settings)
+    out["groups"] = {g: {side: measured[side]["groups"][g] for side in measured} for g in GROUPS}
+    out["prompts"] = {
+        p.text: {"group": p.group, **{side: measured[side]["prompts"][p.text] for side in measured}} for p in prompts
+    }
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a terminal table: one line per (group, measure), base and erased side by side."""
+    concept, attribute = report["concept"], report["attribute"]
+    sides = [s for s in ("base", "erased") if report[f"concept_rate_{s}"] is not None]
+    titles = {
+        "concept": f"prompts naming {concept}",
+        "others": f"other {attribute}s' prompts",
+        "unnamed": f"prompts naming no {attribute}",
+    }
+    s = report["settings"]
+    lines = [
+        f"{concept!r} ({attribute}): {s['num_per_prompt']} images per prompt, DDIM {s['steps']} steps, "
+        f"guidance {s['guidance']}, seed {s['seed']}",
+        f"{'prompts':32s}{'measure':22s}" + "".join(f"{side:>8s}" for side in sides),
+    ]
+    for group in GROUPS:
+        count = sum(p["group"] == group for p in report["prompts"].values())
+        first = report["groups"][group][sides[0]]
+        rows = [(f"{concept} rate", "concept_rate", None)]
+        # In the concept's own group, the accuracy on its attribute is the concept rate again.
+        rows += [(f"{a} accuracy", "accuracy", a) for a in first["accuracy"] if group != "concept" or a != attribute]
+        if group == "others":  # the headline: the attribute's accuracy first
+            rows.sort(key=lambda r: r[2] != attribute)
+        for n, (label, key, sub) in enumerate(rows):
+            name = f"{titles[group]} ({count})" if n == 0 else ""
+            values = [report["groups"][group][side][key] for side in sides]
+            values = [v if sub is None else v[sub] for v in values]
+            lines.append(f"{name:32s}{label:22s}" + "".join(f"{v:8.2f}" for v in values))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run(
+    *,
+    model: str | None,
+    concept: str | None,
+    workdir: Path | None = None,
+    esd: Path | None = None,
+    json_path: Path | None = None,
+    grid: Path | None = None,
+    settings: Settings = Settings(),
+) -> dict[str, Any]:
+    """What `esd-jax evaluate` does: base against erased (a run's latest checkpoint, or a delta file), a
+    table on the terminal, the picture (default: evaluate-<concept>.png in the run's workdir, else here)
+    and, with `json_path`, the report as JSON."""
+    from esd_jax.export import apply_delta, apply_run, read_run_config
+    from esd_jax.pipeline import load_pipeline
+
+    if workdir is not None and esd is not None:
+        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
+    if esd is not None and not esd.is_file():
+        raise UserError(f"--esd {esd}: no such file")
+    if settings.num_per_prompt < 1:
+        raise UserError(f"--num_per_prompt must be at least 1, got {settings.num_per_prompt}")
+    run_config = read_run_config(workdir) if workdir is not None else None
+    if concept is None:
+        concept = run_concept(run_config)
+    parsed = parse_concept(concept)
+    model = model or (run_config.model if run_config is not None else "toy")
+    grid = grid or (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
+    pipe = load_pipeline(model)
+    erased = None
+    if workdir is not None or esd is not None:
+        erased = load_pipeline(model)
+        apply_run(erased, workdir) if workdir is not None else apply_delta(erased, esd)
+        erased = erased.unet
+    result = evaluate(pipe, parsed, erased, settings, grid)
+    print(table(result))
+    print(f"picture: {grid}")
+    if json_path is not None:
+        write_json(json_path, result)
+        print(f"report: {json_path}")
+    return result

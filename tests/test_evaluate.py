@@ -1,0 +1,124 @@
+"""`esd-jax evaluate`'s measurement: prompt groups, rates and accuracies against the world's own labels."""
+
+import json
+
+import numpy as np
+import pytest
+
+from esd_jax.cli import main
+from esd_jax.errors import UserError
+from esd_jax.toy import evaluate as ev
+from esd_jax.toy import world
+
+INDEX = {"colour": world.COLOURS, "shape": world.SHAPES, "style": world.STYLES}
+
+
+def render(attributes: list[dict[str, str]], seed: int) -> np.ndarray:
+    """World images (uint8 [N, H, W, 3]) with the given attributes, the rest random."""
+    rng = np.random.default_rng(seed)
+    n = len(attributes)
+    labels = {
+        a: np.array([values.index(x[a]) if a in x else rng.integers(len(values)) for x in attributes])
+        for a, values in INDEX.items()
+    }
+    side = rng.uniform(world.MIN_SIDE, world.MAX_SIDE, n).astype(np.float32)
+    low, high = side / 2 + world.MARGIN, world.SIZE - side / 2 - world.MARGIN
+    cx, cy = (
+        (low + (high - low) * rng.random(n)).astype(np.float32),
+        (low + (high - low) * rng.random(n)).astype(np.float32),
+    )
+    images = world.render(
+        labels["colour"], labels["shape"], labels["style"], cx, cy, side, rng.integers(6, size=(n, 2))
+    )
+    return np.round((images.transpose(0, 2, 3, 1) + 1) * 127.5).astype(np.uint8), labels
+
+
+@pytest.mark.parametrize("concept", ["red", "circle", "striped"])
+def test_prompt_groups(concept):
+    parsed = ev.parse_concept(concept)
+    prompts = ev.prompts_for(parsed)
+    for p in prompts:
+        names = dict(p.names)
+        if p.group == "unnamed":
+            assert parsed.attribute not in names and concept not in p.text.split()
+        else:
+            assert (names[parsed.attribute] == concept) == (p.group == "concept")
+            assert names[parsed.attribute] in p.text.replace(",", "").split()
+    values = INDEX[parsed.attribute]
+    assert {dict(p.names)[parsed.attribute] for p in prompts if p.group != "unnamed"} == set(values)
+    assert len({p.text for p in prompts}) == len(prompts)
+
+
+def test_measure_against_the_world_labels():
+    """Images drawn as the prompts ask give rate 1 and accuracy 1; repainting red as blue gives rate 0 with
+    the shapes intact; on unnamed prompts the red rate is the drawn share of red."""
+    concept = ev.parse_concept("red")
+    prompts = ev.prompts_for(concept)
+    per = 6
+    wanted = [dict(p.names) for p in prompts for _ in range(per)]
+    images, labels = render(wanted, seed=0)
+    images = images.reshape(len(prompts), per, *images.shape[1:])
+    m = ev.measure(concept, prompts, images)
+    assert m["groups"]["concept"]["concept_rate"] == 1.0
+    assert m["groups"]["concept"]["accuracy"]["shape"] == 1.0
+    assert m["groups"]["others"]["accuracy"] == {"colour": 1.0, "shape": 1.0}
+    unnamed = np.array([p.group == "unnamed" for p in prompts]).repeat(per)
+    assert m["groups"]["unnamed"]["concept_rate"] == pytest.approx(np.mean(labels["colour"][unnamed] == 0))
+    assert m["prompts"]["a red square"] == {
+        "images": per,
+        "concept_rate": 1.0,
+        "accuracy": {"colour": 1.0, "shape": 1.0},
+    }
+
+    repainted = [{**w, "colour": "blue"} if w.get("colour") == "red" else w for w in wanted]
+    erased, _ = render(repainted, seed=0)
+    erased = erased.reshape(images.shape)
+    e = ev.measure(concept, prompts, erased)
+    assert e["groups"]["concept"]["concept_rate"] == 0.0 and e["groups"]["concept"]["accuracy"]["shape"] == 1.0
+    assert e["groups"]["others"]["accuracy"]["colour"] == 1.0
+
+    report = ev.report(concept, prompts, ev.Settings(num_per_prompt=per), {"base": m, "erased": e})
+    assert (report["concept_rate_base"], report["concept_rate_erased"]) == (1.0, 0.0)
+    assert (report["others_accuracy_base"], report["others_accuracy_erased"]) == (1.0, 1.0)
+    json.dumps(report)
+    text = ev.table(report)
+    assert "prompts naming red (4)" in text and "other colours' prompts (12)" in text
+    assert text.splitlines()[2].split()[-2:] == ["1.00", "0.00"]
+
+
+def test_run_concept_is_the_word_every_prompt_names():
+    class Run:
+        concepts = ["red", "a red circle", "a square, red"]
+
+    assert ev.run_concept(Run) == "red"
+    for concepts in (["a red circle"], ["red", "a green square"]):  # two words; none
+        Run.concepts = concepts
+        with pytest.raises(UserError, match="give --concept"):
+            ev.run_concept(Run)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--concept", "purple"], "concept 'purple' is not a concept of the toy world"),
+        (["--concept", "red", "--workdir", "w", "--esd", "e"], "give either --workdir"),
+        (["--concept", "red", "--esd", "missing.safetensors"], "--esd missing.safetensors: no such file"),
+        (["--concept", "red", "--num_per_prompt", "0"], "--num_per_prompt must be at least 1"),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["esd-jax", "evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_refuses_a_model_outside_the_world(sd1_folder, tmp_path, capsys):
+    """The tiny test pipeline's tokenizer lacks 'yellow': evaluate says so instead of sampling nonsense."""
+    assert (
+        main(["esd-jax", "evaluate", "--model", str(sd1_folder), "--concept", "red", "--grid", str(tmp_path / "g.png")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "does not know the word" in err and "--model toy" in err
+    assert not (tmp_path / "g.png").exists()
