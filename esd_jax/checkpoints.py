@@ -22,7 +22,8 @@ def open_manager(
         # A fixed interval only: Orbax's default policy would also save the very first step.
         policy = ocp.checkpoint_managers.FixedIntervalPolicy(every)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_decision_policy=policy)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options, metadata=config)
+    # Orbax restores only from absolute paths; a workdir is often given relative ("runs/x").
+    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options, metadata=config)
 
 
 def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:

@@ -82,7 +82,7 @@ def test_measure_against_the_world_labels():
     assert (report["others_accuracy_base"], report["others_accuracy_erased"]) == (1.0, 1.0)
     json.dumps(report)
     text = ev.table(report)
-    assert "prompts naming red (4)" in text and "other colours' prompts (12)" in text
+    assert "prompts naming red (7)" in text and "other colours' prompts (21)" in text
     assert text.splitlines()[2].split()[-2:] == ["1.00", "0.00"]
 
 

@@ -1,7 +1,7 @@
 """Measures an erasure on the toy world: how often the erased concept still appears, and what else changed.
 
 A concept of the world (a colour, a shape or a style) splits the prompts into three groups:
-- "concept": prompts that name it ("red", "a red circle", ...). Erasure must drive the concept's rate
+- "concept": prompts that name it ("red", "a red circle", "a circle, red", ...). Erasure must drive the concept's rate
   here to zero, while the other attribute they name (the shape of "a red circle") should survive;
 - "others": prompts that name another value of the same attribute ("green", "a green circle", ...),
   whose accuracy on that attribute erasure must keep;
@@ -85,9 +85,11 @@ def prompts_for(concept: Concept) -> list[Prompt]:
         if concept.attribute == "colour":
             out.append(prompt(value, group, colour=value))
             out += [prompt(f"a {value} {s}", group, colour=value, shape=s) for s in world.SHAPES]
+            out += [prompt(f"a {s}, {value}", group, colour=value, shape=s) for s in world.SHAPES]
         elif concept.attribute == "shape":
             out.append(prompt(f"a {value}", group, shape=value))
             out += [prompt(f"a {c} {value}", group, colour=c, shape=value) for c in world.COLOURS]
+            out += [prompt(f"a {value}, {c}", group, colour=c, shape=value) for c in world.COLOURS]
         else:
             out.append(prompt(value, group, style=value))
             out += [prompt(f"a {c} {s}, {value}", group, colour=c, shape=s, style=value) for c, s in STYLED_PAIRS]
