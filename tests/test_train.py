@@ -74,7 +74,7 @@ def reference_run(sd1_folder, tmp_path_factory):
     return workdir, load_file(delta)
 
 
-def test_run_leaves_delta_metrics_plot_config_and_checkpoints(sd1_folder, reference_run, tmp_path):
+def test_run_leaves_delta_metrics_plot_config_and_checkpoints(sd1_folder, reference_run, tmp_path, monkeypatch):
     workdir, delta = reference_run
     assert (workdir / DELTA).is_file()
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -88,7 +88,8 @@ def test_run_leaves_delta_metrics_plot_config_and_checkpoints(sd1_folder, refere
     original = esd_jax.load_pipeline(sd1_folder)
     keys = trainable_keys(original.unet, "esd-x")
     assert set(delta) == keys
-    export_run(workdir, tmp_path / "exported")
+    monkeypatch.chdir(workdir.parent)  # a workdir given relative, as on the command line
+    export_run(Path(workdir.name), tmp_path / "exported")
     exported = load_file(tmp_path / "exported" / "unet" / "diffusion_pytorch_model.safetensors")
     before = weights.state_dict(original.unet)
     for key, value in before.items():
