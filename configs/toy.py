@@ -16,7 +16,7 @@ def get_config():
     config.concept = "red"
     config.method = "esd-x"
     config.iterations = 200
-    config.learning_rate = 1e-4
+    config.learning_rate = 1e-3
     config.ddim_steps = 25
     config.batch_per_device = 4
     config.checkpoint_every = 100

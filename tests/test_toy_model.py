@@ -81,5 +81,5 @@ def test_short_erase_lowers_red_and_keeps_the_other_colours(pipe, tmp_path, reco
     result = ev.evaluate(pipe, ev.parse_concept("red"), erased.unet, ev.Settings(num_per_prompt=8))
     record_property("result", {k: result[k] for k in list(result)[:6]})
     assert result["concept_rate_base"] >= 0.8
-    assert result["concept_rate_erased"] <= 0.5 * result["concept_rate_base"]
-    assert result["others_accuracy_erased"] >= 0.85 * result["others_accuracy_base"]
+    assert result["concept_rate_erased"] <= 0.25 * result["concept_rate_base"]
+    assert result["others_accuracy_erased"] >= 0.8 * result["others_accuracy_base"]
