@@ -1,8 +1,9 @@
 """Measures an erasure on the toy world: how often the erased concept still appears, and what else changed.
 
 A concept of the world (a colour, a shape or a style) splits the prompts into three groups:
-- "concept": prompts that name it ("red", "a red circle", "a circle, red", ...). Erasure must drive the concept's rate
-  here to zero, while the other attribute they name (the shape of "a red circle") should survive;
+- "concept": prompts that name it ("red", "a red circle", "a circle, red", ...). Erasure must drive
+  the concept's rate here to zero, while the other attribute they name (the shape of "a red circle")
+  should survive;
 - "others": prompts that name another value of the same attribute ("green", "a green circle", ...),
   whose accuracy on that attribute erasure must keep;
 - "unnamed": prompts that do not name the attribute ("a circle"): how often the concept appears unasked.
