@@ -3,8 +3,10 @@
     esd-jax erase --config configs/toy.py
     esd-jax evaluate --workdir runs/toy-red
 
-The settings come from the sweep in docs/toy.md (scripts/sweep_toy.py): the paper's learning rate of 1e-5
-barely moves a model this small in a few hundred steps (its ESD loss is about 1e-4).
+The settings come from the sweep in docs/toy.md (scripts/sweep_toy.py). The paper's learning rate of 1e-5
+barely moves a model this small in a few hundred steps (its ESD loss is about 1e-4). At eta 1, red
+survives on 12-19% of the red prompts' images, mostly triangles; eta 2 (the official esd_sd.py's
+--negative_guidance 3) removes it in 100 iterations while the other colours keep 95% of their accuracy.
 """
 
 from esd_jax.config import default_config
@@ -15,10 +17,11 @@ def get_config():
     config.model = "toy"
     config.concept = "red"
     config.method = "esd-x"
-    config.iterations = 200
+    config.iterations = 100
     config.learning_rate = 1e-3
+    config.negative_guidance = 2.0
     config.ddim_steps = 25
     config.batch_per_device = 4
-    config.checkpoint_every = 100
+    config.checkpoint_every = 50
     config.workdir = "runs/toy-red"
     return config

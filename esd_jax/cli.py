@@ -102,7 +102,7 @@ def sample(argv: list[str]) -> None:
     )
     flags.DEFINE_integer("steps", None, "Denoising steps (default: 50; the toy model's 25).", flag_values=fv)
     flags.DEFINE_float(
-        "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 2).", flag_values=fv
+        "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 4).", flag_values=fv
     )
     flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "The seed of --prompt (a CSV gives each row's evaluation_seed).", flag_values=fv)

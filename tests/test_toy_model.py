@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ from esd_jax.config import EraseConfig
 from esd_jax.export import apply_delta
 from esd_jax.sampling import Sampler
 from esd_jax.toy import evaluate as ev
-from esd_jax.toy import world
 from esd_jax.train import erase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,20 +49,14 @@ def test_loads_in_pytorch_with_equal_unet_outputs(pipe):
     assert np.abs(expected).mean() > 0.1
 
 
-# Issue 5's gate is colour >= 0.9 and shape >= 0.8. The shipped model (step 7000) reads colour 0.91 and
-# shape 0.75 here, so the shape floor guards what ships until longer training reaches 0.8 (docs/toy.md).
-GATE = {"colour": 0.9, "shape": 0.7}
-
-
 def test_quality_gate(pipe, record_property):
-    """64 images per (colour, shape) prompt: the oracle agrees with the prompt's colour and shape (GATE)."""
-    prompts = [ev.prompt(f"a {c} {s}", "others", colour=c, shape=s) for c in world.COLOURS for s in world.SHAPES]
-    settings = ev.Settings(num_per_prompt=64)
-    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=256)
-    images = ev.generate(sampler, prompts, settings)
-    accuracy = ev.measure(ev.parse_concept("red"), prompts, images)["groups"]["others"]["accuracy"]
-    record_property("accuracy", accuracy)
-    assert accuracy["colour"] >= GATE["colour"] and accuracy["shape"] >= GATE["shape"], accuracy
+    """Issue 5's gate, at the model's sampling settings: on 64 images per (colour, shape) prompt the oracle
+    reads the prompt's colour at least 90% of the time and its shape at least 80%."""
+    q = ev.quality(pipe, ev.Settings(num_per_prompt=64, batch_size=256))
+    record_property("quality", q)
+    assert q["colour"] >= 0.9 and q["shape"] >= 0.8, q
+    # Every image is read as something, and each prompted shape was asked 4 colours x 64 times.
+    assert all(sum(row.values()) == 4 * 64 for row in q["confusion"].values())
 
 
 def toy_config(**overrides) -> EraseConfig:
@@ -72,14 +66,25 @@ def toy_config(**overrides) -> EraseConfig:
     return dataclasses.replace(EraseConfig(**module.get_config().to_dict()), **overrides)
 
 
-def test_short_erase_lowers_red_and_keeps_the_other_colours(pipe, tmp_path, record_property):
+def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_property):
+    """The README's first command (configs/toy.py), its erased model measured on 8 images per prompt.
+    Issue 5's targets: red on at most 10% of the red prompts' images (from 1.00) and the other colours
+    keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.03 and 0.93 on 16 per prompt).
+    The base model's side is test_quality_gate's; the floors leave room for the smaller sample."""
+    # The README's global batch (4 samples an iteration on one device) over this suite's 4 devices: the
+    # same samples, so the same erasure (results depend on the seed and the global batch only).
     cfg = toy_config(workdir=str(tmp_path / "red"), checkpoint_every=1000)
-    assert cfg.model == "toy" and cfg.concept == "red"
-    delta = erase(cfg)
+    assert cfg.model == "toy" and cfg.concept == "red" and cfg.iterations <= 100 and cfg.batch_per_device == 4
+    assert 4 % jax.device_count() == 0
+    cfg = dataclasses.replace(cfg, batch_per_device=4 // jax.device_count())
     erased = esd_jax.load_pipeline("toy")
-    apply_delta(erased, delta)
-    result = ev.evaluate(pipe, ev.parse_concept("red"), erased.unet, ev.Settings(num_per_prompt=8))
-    record_property("result", {k: result[k] for k in list(result)[:6]})
-    assert result["concept_rate_base"] >= 0.8
-    assert result["concept_rate_erased"] <= 0.25 * result["concept_rate_base"]
-    assert result["others_accuracy_erased"] >= 0.8 * result["others_accuracy_base"]
+    apply_delta(erased, erase(cfg))
+    concept, settings = ev.parse_concept("red"), ev.Settings(num_per_prompt=8)
+    prompts = ev.prompts_for(concept)
+    sampler = Sampler(erased, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    groups = ev.measure(concept, prompts, ev.generate(sampler, prompts, settings))["groups"]
+    record_property("groups", groups)
+    assert groups["concept"]["concept_rate"] <= 0.1
+    assert groups["others"]["accuracy"]["colour"] >= 0.85
+    # Erasure redraws the red prompts' shapes in another colour rather than dropping them (0.96 before).
+    assert groups["concept"]["accuracy"]["shape"] >= 0.6

@@ -154,6 +154,23 @@ def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict
     }
 
 
+def quality(pipe: StableDiffusion, settings: Settings) -> dict[str, Any]:
+    """Issue 5's quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
+    prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
+    prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
+    asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
+    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    reading = read(generate(sampler, [prompt(t, "others") for t in prompts], settings))
+    return {
+        "colour": float(np.mean(reading.colour == asked[:, 0])),
+        "shape": float(np.mean(reading.shape == asked[:, 1])),
+        "confusion": {
+            s: {v: int(np.sum(reading.shape[asked[:, 1] == s] == v)) for v in (*world.SHAPES, oracle.NONE)}
+            for s in world.SHAPES
+        },
+    }
+
+
 def grid_rows(concept: Concept, prompts: list[Prompt]) -> list[int]:
     """Which prompts the picture shows: every prompt naming the concept, and one full prompt of each other value."""
     shown, values = [], set()
