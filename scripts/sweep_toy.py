@@ -84,7 +84,7 @@ def base_measurement(out: Path, concept: ev.Concept, settings: ev.Settings, samp
 
 
 def label(row: dict) -> str:
-    """A short legend entry for a run: its overrides, and how many erase prompts it used if several."""
+    """A short legend entry for a run: its overrides, and its erase prompts when they are not the concept alone."""
     short = {"learning_rate": "lr", "negative_guidance": "eta", "iterations": "iterations"}
     parts = [
         f"{short.get(k, k)} {v:g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"

@@ -55,7 +55,7 @@ def test_quality_gate(pipe, record_property):
     q = ev.quality(pipe, ev.Settings(num_per_prompt=64, batch_size=256))
     record_property("quality", q)
     assert q["colour"] >= 0.9 and q["shape"] >= 0.8, q
-    # Every image is read as something, and each prompted shape was asked 4 colours x 64 times.
+    # The confusion counts every image once ("none" included): each shape was asked 4 colours x 64 times.
     assert all(sum(row.values()) == 4 * 64 for row in q["confusion"].values())
 
 
