@@ -10,6 +10,7 @@ encoder, EMA. Both sides time the same number of steps after a warm-up step (JAX
 """
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -34,19 +35,8 @@ def time_jax(data: list[dict], cfg: train.TrainToyConfig) -> float:
     pipe = load_pipeline(toy.EMBEDDED_NAME)
     net = Networks(pipe)
     graphdef, trainable, frozen = nnx.split(net, lambda path, x: path[0] in train.TRAINS["unet"], ...)
-    null = train.Captions(pipe)([""])[0]
-    stage = train.Stage(
-        "unet",
-        graphdef=graphdef,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        ema_decay=cfg.ema_decay,
-        caption_dropout=cfg.caption_dropout,
-        scaling_factor=pipe.vae.scaling_factor,
-        null_ids=tuple(int(i) for i in null),
-    )
+    stage = train.unet_stage(cfg, train.Captions(pipe), pipe.vae.scaling_factor)
+    stage = dataclasses.replace(stage, graphdef=graphdef)
     state = train.initial_state(trainable, stage, cfg.seed)
     state, metrics = train.train_step(state, frozen, data[0], stage)
     jax.block_until_ready(metrics)

@@ -262,6 +262,23 @@ def run_stage(
     return state
 
 
+def common_stage(cfg: TrainToyConfig) -> dict[str, Any]:
+    """The Stage fields both stages take from the config (graphdef is filled in by run_stage)."""
+    return dict(graphdef=None, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+
+
+def unet_stage(cfg: TrainToyConfig, captions: Captions, scaling_factor: float) -> Stage:
+    return Stage(
+        "unet",
+        learning_rate=cfg.learning_rate,
+        ema_decay=cfg.ema_decay,
+        caption_dropout=cfg.caption_dropout,
+        scaling_factor=scaling_factor,
+        null_ids=tuple(int(i) for i in captions([""])[0]),
+        **common_stage(cfg),
+    )
+
+
 def latent_scale(vae, seed: int) -> float:
     """1 / std of the VAE's latents over 256 world images (262144 numbers): the `scaling_factor` that gives
     them unit variance, as Stable Diffusion's 0.18215 does for its VAE."""
@@ -296,11 +313,14 @@ def train(cfg: TrainToyConfig, workdir: Path, minutes: float, export: Path | Non
     pipe = build(cfg.model, cfg.seed)
     net = Networks(pipe)
     captions = Captions(pipe)
-    common = dict(graphdef=None, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     stop = StopSignal()
     try:
         vae_stage = Stage(
-            "vae", learning_rate=cfg.vae_learning_rate, ema_decay=cfg.ema_decay, kl_weight=cfg.kl_weight, **common
+            "vae",
+            learning_rate=cfg.vae_learning_rate,
+            ema_decay=cfg.ema_decay,
+            kl_weight=cfg.kl_weight,
+            **common_stage(cfg),
         )
         state = run_stage(vae_stage, net, cfg, cfg.vae_steps, cfg.vae_batch, captions, workdir, deadline, stop)
         if int(state.step) < cfg.vae_steps:
@@ -312,16 +332,17 @@ def train(cfg: TrainToyConfig, workdir: Path, minutes: float, export: Path | Non
             scale_file.write_text(json.dumps({"scaling_factor": latent_scale(net.vae, cfg.seed)}) + "\n")
         scaling_factor = json.loads(scale_file.read_text())["scaling_factor"]
 
-        unet_stage = Stage(
-            "unet",
-            learning_rate=cfg.learning_rate,
-            ema_decay=cfg.ema_decay,
-            caption_dropout=cfg.caption_dropout,
-            scaling_factor=scaling_factor,
-            null_ids=tuple(int(i) for i in captions([""])[0]),
-            **common,
+        state = run_stage(
+            unet_stage(cfg, captions, scaling_factor),
+            net,
+            cfg,
+            cfg.unet_steps,
+            cfg.batch,
+            captions,
+            workdir,
+            deadline,
+            stop,
         )
-        state = run_stage(unet_stage, net, cfg, cfg.unet_steps, cfg.batch, captions, workdir, deadline, stop)
     finally:
         stop.restore()
     if int(state.step) == 0:
