@@ -17,11 +17,11 @@ def get_config():
     config.model = "toy"
     config.concept = "red"
     config.method = "esd-x"
-    config.iterations = 100
+    config.iterations = 200
     config.learning_rate = 1e-3
     config.negative_guidance = 2.0
     config.ddim_steps = 25
     config.batch_per_device = 4
-    config.checkpoint_every = 50
+    config.checkpoint_every = 100
     config.workdir = "runs/toy-red"
     return config

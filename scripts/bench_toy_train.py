@@ -5,8 +5,8 @@ the same step in PyTorch diffusers, on the shipped model's weights, the same bat
 
 The step is stage 2 of esd_jax.toy.train: encode a batch of world images with the VAE, noise the
 latents at a random timestep, predict the noise with the UNet from the trained text encoder's
-embedding (captions dropped 10% of the time), MSE, gradient clipping, AdamW on the UNet and the text
-encoder, EMA. Both sides time the same number of steps after a warm-up step (JAX: its compilation).
+embedding (captions dropped 10% of the time), min-SNR-weighted MSE, gradient clipping, AdamW on the
+UNet and the text encoder, EMA. Both sides time the same number of steps after a warm-up step (JAX: its compilation).
 """
 
 import argparse
@@ -50,6 +50,7 @@ def time_jax(data: list[dict], cfg: train.TrainToyConfig) -> float:
 def time_torch(data: list[dict], cfg: train.TrainToyConfig) -> float:
     import torch
     from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import compute_snr
 
     torch.manual_seed(cfg.seed)
     pipe = StableDiffusionPipeline.from_pretrained(toy.EMBEDDED, safety_checker=None)
@@ -71,7 +72,12 @@ def time_torch(data: list[dict], cfg: train.TrainToyConfig) -> float:
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
         drop = torch.rand(z.shape[0]) < cfg.caption_dropout
         ids = torch.where(drop[:, None], null, ids)
-        loss = torch.nn.functional.mse_loss(unet(x_t, t, text_encoder(ids)[0]).sample, noise)
+        mse = torch.square(unet(x_t, t, text_encoder(ids)[0]).sample - noise).mean(dim=(1, 2, 3))
+        weights = torch.ones_like(mse)
+        if cfg.snr_gamma:  # diffusers' train_text_to_image.py --snr_gamma, epsilon prediction
+            snr = compute_snr(pipe.scheduler, t)
+            weights = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (weights * mse).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

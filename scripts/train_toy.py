@@ -1,6 +1,6 @@
 """Trains the embedded toy pipeline from scratch on the synthetic world, resumably.
 
-    python scripts/train_toy.py --workdir runs/toy --minutes 50
+    python scripts/train_toy.py --workdir runs/toy --minutes 90
 
 Rerun the same command to continue a run (each invocation trains for at most --minutes); every
 invocation ends by writing the EMA weights as a diffusers folder (--export DIR, default <workdir>/pipeline).
@@ -19,7 +19,7 @@ from esd_jax.toy.train import TrainToyConfig, train
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/toy"), help="checkpoints, metrics, plots")
-    parser.add_argument("--minutes", type=float, default=50.0, help="training budget of this invocation")
+    parser.add_argument("--minutes", type=float, default=90.0, help="training budget of this invocation")
     parser.add_argument("--export", type=Path, default=None, help="diffusers folder (default <workdir>/pipeline)")
     defaults = TrainToyConfig()
     for field in dataclasses.fields(TrainToyConfig):

@@ -111,3 +111,21 @@ def test_train_toy_exports_and_resumes(tmp_path):
     assert resumed.keys() == once.keys()
     for key in once:
         np.testing.assert_array_equal(resumed[key], once[key], err_msg=key)
+
+
+def test_min_snr_weights_equal_diffusers():
+    """The UNet stage's loss weights are diffusers' train_text_to_image --snr_gamma weights (epsilon
+    prediction) on the toy scheduler, at every timestep; gamma 0 weighs every timestep 1."""
+    import torch
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from esd_jax.toy.model import SCHEDULER
+    from esd_jax.toy.train import min_snr_weights
+
+    t = np.arange(1000)
+    snr = compute_snr(DDIMScheduler.from_config(SCHEDULER), torch.from_numpy(t))
+    expected = (torch.clamp(snr, max=5.0) / snr).numpy()
+    np.testing.assert_allclose(np.asarray(min_snr_weights(t, 5.0)), expected, rtol=1e-5)
+    assert expected[0] < 0.01 and expected[-1] == 1.0  # the weighting matters at both ends
+    np.testing.assert_array_equal(np.asarray(min_snr_weights(t, 0.0)), np.ones(1000))

@@ -69,12 +69,12 @@ def toy_config(**overrides) -> EraseConfig:
 def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_property):
     """The README's first command (configs/toy.py), its erased model measured on 8 images per prompt.
     Issue 5's targets: red on at most 10% of the red prompts' images (from 1.00) and the other colours
-    keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.03 and 0.93 on 16 per prompt).
+    keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.08 and 0.95 on 16 per prompt).
     The base model's side is test_quality_gate's; the floors leave room for the smaller sample."""
     # The README's global batch (4 samples an iteration on one device) over this suite's 4 devices: the
     # same samples, so the same erasure (results depend on the seed and the global batch only).
     cfg = toy_config(workdir=str(tmp_path / "red"), checkpoint_every=1000)
-    assert cfg.model == "toy" and cfg.concept == "red" and cfg.iterations <= 100 and cfg.batch_per_device == 4
+    assert cfg.model == "toy" and cfg.concept == "red" and cfg.iterations <= 200 and cfg.batch_per_device == 4
     assert 4 % jax.device_count() == 0
     cfg = dataclasses.replace(cfg, batch_per_device=4 // jax.device_count())
     erased = esd_jax.load_pipeline("toy")
@@ -86,5 +86,5 @@ def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_pr
     record_property("groups", groups)
     assert groups["concept"]["concept_rate"] <= 0.1
     assert groups["others"]["accuracy"]["colour"] >= 0.85
-    # Erasure redraws the red prompts' shapes in another colour rather than dropping them (0.96 before).
+    # Erasure redraws the red prompts' shapes in another colour rather than dropping them (0.93 before).
     assert groups["concept"]["accuracy"]["shape"] >= 0.6

@@ -1,6 +1,6 @@
 """Trains the toy pipeline from scratch: first the VAE on world images, then the UNet and text encoder on its latents.
 
-    python scripts/train_toy.py --workdir runs/toy --minutes 50
+    python scripts/train_toy.py --workdir runs/toy --minutes 90
 
 Each invocation trains for at most `minutes`, checkpoints (Orbax, `<workdir>/<stage>/checkpoints`) and
 exports the EMA weights as a diffusers folder; rerunning the same command continues where it stopped and
@@ -34,7 +34,10 @@ from esd_jax.train import StopSignal
 
 @dataclasses.dataclass(frozen=True)
 class TrainToyConfig:
-    """Every setting of a toy training run. The UNet stage's values are those of issue 5's experiment."""
+    """Every setting of a toy training run; the defaults train the shipped model.
+
+    The UNet stage follows issue 5's experiment except for two settings that learn the shapes in about
+    half the steps: a learning rate of 1e-3 rather than 5e-4, and min-SNR loss weighting."""
 
     seed: int = 0
     model: ToyModel = ToyModel()
@@ -46,9 +49,11 @@ class TrainToyConfig:
     kl_weight: float = 1e-4
     # Stage 2, the UNet and the text encoder, trained together: a frozen random text encoder gives nearly
     # equal embeddings to different captions (cosine 0.90-0.97) and the UNet then confuses them.
-    unet_steps: int = 6000  # about 45 minutes at the experiment's 0.43 s per step
+    unet_steps: int = 3000  # the first multiple of 500 whose EMA weights pass the quality gate
     batch: int = 64
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
+    # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023), as diffusers' --snr_gamma; 0 turns it off.
+    snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # for classifier-free guidance
     # Both stages.
     warmup_steps: int = 200
@@ -62,6 +67,8 @@ class TrainToyConfig:
         for key in ("vae_steps", "vae_batch", "unet_steps", "batch", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, not {getattr(self, key)}")
+        if self.snr_gamma < 0:
+            raise UserError(f"snr_gamma must be 0 (off) or positive, not {self.snr_gamma}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption_dropout must be in [0, 1), not {self.caption_dropout}")
 
@@ -90,6 +97,7 @@ class Stage:
     ema_decay: float
     kl_weight: float = 0.0
     caption_dropout: float = 0.0
+    snr_gamma: float = 0.0
     scaling_factor: float = 1.0
     null_ids: tuple[int, ...] = ()  # the token ids of "", which replace a dropped caption
 
@@ -133,8 +141,21 @@ def vae_loss(net: Networks, batch: dict, key: jax.Array, stage: Stage):
     return mse + stage.kl_weight * kl, {"mse": mse, "kl": kl}
 
 
+def min_snr_weights(t: jax.Array, gamma: float) -> jax.Array:
+    """min(SNR_t, gamma) / SNR_t per timestep, SNR_t = alpha_bar_t / (1 - alpha_bar_t); 1 everywhere when gamma is 0.
+
+    It keeps the low-noise timesteps (SNR above gamma: the first 147 of Stable Diffusion's 1000) from
+    dominating the gradient; with it the toy UNet learns the world's shapes in less than half the steps."""
+    if not gamma:
+        return jnp.ones(t.shape, jnp.float32)
+    alpha = jnp.asarray(ALPHAS_CUMPROD)[t]
+    snr = alpha / (1 - alpha)
+    return jnp.minimum(snr, gamma) / snr
+
+
 def unet_loss(net: Networks, batch: dict, key: jax.Array, stage: Stage):
-    """Stable Diffusion's objective: predict the noise added to the scaled latents at a uniform timestep."""
+    """Stable Diffusion's objective: predict the noise added to the scaled latents at a uniform timestep,
+    each sample's squared error weighted by min-SNR."""
     k_latent, k_t, k_noise, k_drop = jax.random.split(key, 4)
     mean, logvar = net.vae.encode(batch["images"])
     z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_latent, mean.shape)) * stage.scaling_factor
@@ -146,7 +167,8 @@ def unet_loss(net: Networks, batch: dict, key: jax.Array, stage: Stage):
     drop = jax.random.bernoulli(k_drop, stage.caption_dropout, (b,))
     ids = jnp.where(drop[:, None], jnp.asarray(stage.null_ids, jnp.int32), batch["ids"])  # [B, L]
     pred = net.unet(x_t, t, net.text_encoder(ids))
-    return jnp.mean(jnp.square(pred - noise)), {}
+    mse = jnp.mean(jnp.square(pred - noise), axis=(1, 2, 3))
+    return jnp.mean(min_snr_weights(t, stage.snr_gamma) * mse), {"mse": jnp.mean(mse)}
 
 
 LOSSES = {"vae": vae_loss, "unet": unet_loss}
@@ -258,6 +280,7 @@ def run_stage(
         manager.wait_until_finished()
         manager.close()
         ylabel = "VAE loss (MSE + KL)" if stage.name == "vae" else "noise-prediction MSE"
+        ylabel += ", min-SNR weighted" if stage.snr_gamma else ""
         plot_loss(folder / "metrics.jsonl", folder / "loss.png", f"toy {stage.name} stage", ylabel=ylabel)
     return state
 
@@ -273,6 +296,7 @@ def unet_stage(cfg: TrainToyConfig, captions: Captions, scaling_factor: float) -
         learning_rate=cfg.learning_rate,
         ema_decay=cfg.ema_decay,
         caption_dropout=cfg.caption_dropout,
+        snr_gamma=cfg.snr_gamma,
         scaling_factor=scaling_factor,
         null_ids=tuple(int(i) for i in captions([""])[0]),
         **common_stage(cfg),
