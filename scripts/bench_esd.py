@@ -3,8 +3,10 @@
     python scripts/bench_esd.py                     # 37.5M-parameter SD-shaped UNet, 32x32 latents, batch 1
     python scripts/bench_esd.py --iterations 16     # more timed iterations (each costs ~k UNet calls a side)
     python scripts/bench_esd.py --torch-grads trained   # torch computes gradients of the trained weights only
+    python scripts/bench_esd.py --unet sd14 --iterations 3  # SD 1.4's own UNet (860M), 16x16 latents
 
-The default takes about 3 minutes on an otherwise idle 2-core CPU; results are in docs/benchmarks.md.
+The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 about 15 and 12 GB of
+memory; results are in docs/benchmarks.md.
 
 One ESD-x iteration: k guided DDIM steps from noise with the frozen UNet, its predictions e_c and e_0 at
 step k, the trainable UNet's prediction, MSE against e_c - 2 (e_c - e_0), backward, Adam on attn2. The
@@ -33,8 +35,13 @@ from pathlib import Path
 import numpy as np
 from bench_models import SD14, load_jax_unet, load_torch_unet, peak_mb, reset_peak, rss_mb, save_random_weights
 
-# SD 1.x's blocks and 1:2:4:4 channel ratios at a fifth of its width (37.5M parameters, SD 1.4: 860M).
-CONFIG = {**SD14, "sample_size": 32, "block_out_channels": (64, 128, 256, 256)}
+UNETS = {
+    # SD 1.x's blocks and 1:2:4:4 channel ratios at a fifth of its width (37.5M parameters).
+    "reduced": {**SD14, "sample_size": 32, "block_out_channels": (64, 128, 256, 256)},
+    # SD 1.4's own UNet (860M parameters), at 16x16 latents (128 px) so that a CPU runs it in minutes:
+    # the size at which the weights, not the frameworks' runtimes, dominate memory.
+    "sd14": {**SD14, "sample_size": 16},
+}
 # SD 1.4's scheduler_config (CompVis/stable-diffusion-v1-4), read as a DDIMScheduler.
 SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -51,7 +58,7 @@ DDIM_STEPS, START_GUIDANCE, LEARNING_RATE, SEED = 50, 3.0, 1e-5, 0
 GOALS = {"seconds": 0.8, "peak": 0.6}  # jax/torch at most
 
 
-def run_jax(folder: Path, iterations: int) -> dict:
+def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -62,7 +69,9 @@ def run_jax(folder: Path, iterations: int) -> dict:
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
-    unet = load_jax_unet(CONFIG, folder / "unet.safetensors")
+    jax.devices()
+    runtime = rss_mb()
+    unet = load_jax_unet(config, folder / "unet.safetensors")
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
     del unet
     original = jax.tree.map(jnp.copy, trainable)
@@ -80,7 +89,7 @@ def run_jax(folder: Path, iterations: int) -> dict:
         start_guidance=START_GUIDANCE,
         ddim_steps=DDIM_STEPS,
         xt_model="frozen",
-        latent_shape=(CONFIG["in_channels"], CONFIG["sample_size"], CONFIG["sample_size"]),
+        latent_shape=(config["in_channels"], config["sample_size"], config["sample_size"]),
         erase_from=False,
     )
     optimizer = optax.adam(LEARNING_RATE)
@@ -118,19 +127,21 @@ def run_jax(folder: Path, iterations: int) -> dict:
         seconds=seconds,
         k=ks,
         loss=losses,
+        runtime_mb=runtime,
         base_mb=base,
         peak_mb=max(first_peak, steady_peak),
         steady_peak_mb=steady_peak,
     )
 
 
-def run_torch(folder: Path, iterations: int, ks: list[int], grads: str) -> dict:
+def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads: str) -> dict:
     import torch
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401  (imported before measuring)
 
-    base_unet = load_torch_unet(CONFIG, folder / "unet.safetensors")
+    runtime = rss_mb()
+    base_unet = load_torch_unet(config, folder / "unet.safetensors")
     base_unet.requires_grad_(False)
-    esd_unet = load_torch_unet(CONFIG, folder / "unet.safetensors")
+    esd_unet = load_torch_unet(config, folder / "unet.safetensors")
     # esd_sd.py's get_esd_trainable_parameters for esd-x.
     trained = [
         p
@@ -184,14 +195,16 @@ def run_torch(folder: Path, iterations: int, ks: list[int], grads: str) -> dict:
         seconds=seconds,
         k=list(ks),
         loss=losses,
+        runtime_mb=runtime,
         base_mb=base,
         peak_mb=max(first_peak, steady_peak),
         steady_peak_mb=steady_peak,
     )
 
 
-def worker(name: str, folder: Path, iterations: int, extra: list[str]) -> dict:
+def worker(name: str, folder: Path, iterations: int, unet: str, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder), "--iterations", str(iterations)]
+    cmd += ["--unet", unet]
     out = subprocess.run(cmd + extra, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"the {name} worker failed:\n{out.stderr[-4000:]}")
@@ -208,29 +221,34 @@ def main() -> None:
         default="all",
         help="which esd UNet parameters require grad in torch: all (as esd_sd.py) or the trained attn2 ones",
     )
+    parser.add_argument(
+        "--unet", choices=list(UNETS), default="reduced", help="reduced: 37.5M parameters; sd14: SD 1.4's (860M)"
+    )
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    config = UNETS[args.unet]
     if args.worker == "jax":
-        print(json.dumps(run_jax(args.dir, args.iterations)))
+        print(json.dumps(run_jax(args.dir, args.iterations, config)))
         return
     if args.worker == "torch":
-        print(json.dumps(run_torch(args.dir, args.iterations, args.k, args.torch_grads)))
+        print(json.dumps(run_torch(args.dir, args.iterations, config, args.k, args.torch_grads)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        parameters, trained = save_random_weights(CONFIG, folder / "unet.safetensors")
+        parameters, trained = save_random_weights(config, folder / "unet.safetensors")
         rng = np.random.default_rng(SEED)
-        shape = (77, CONFIG["cross_attention_dim"])
+        shape = (77, config["cross_attention_dim"])
         np.savez(folder / "prompts.npz", **{key: rng.standard_normal(shape, np.float32) for key in ("concept", "null")})
-        j = worker("jax", folder, args.iterations, [])
-        t = worker("torch", folder, args.iterations, ["--torch-grads", args.torch_grads, "--k", *map(str, j["k"])])
+        j = worker("jax", folder, args.iterations, args.unet, [])
+        replay = ["--torch-grads", args.torch_grads, "--k", *map(str, j["k"])]
+        t = worker("torch", folder, args.iterations, args.unet, replay)
 
-    size = CONFIG["sample_size"]
+    size = config["sample_size"]
     print(
-        f"ESD-x iteration, SD-shaped UNet {'-'.join(map(str, CONFIG['block_out_channels']))}: "
+        f"ESD-x iteration, SD-shaped UNet {'-'.join(map(str, config['block_out_channels']))}: "
         f"{parameters / 1e6:.1f}M parameters, {trained / 1e6:.1f}M trained (attn2)"
     )
     print(f"batch 1, {size}x{size} latents, float32, CPU, ddim_steps {DDIM_STEPS}, torch grads: {args.torch_grads}")
@@ -247,6 +265,7 @@ def main() -> None:
     print(f"{'':34s}{'torch':>10s}{'jax':>10s}{'jax/torch':>11s}")
     row("seconds / iteration", np.mean(t["seconds"][1:]), np.mean(j["seconds"][1:]), GOALS["seconds"], "10.2f")
     row("seconds, first iteration", t["seconds"][0], j["seconds"][0], fmt="10.2f")
+    row("RSS before the weights (runtime), MB", t["runtime_mb"], j["runtime_mb"])
     row("RSS with weights loaded, MB", t["base_mb"], j["base_mb"])
     row("peak RSS MB", t["peak_mb"], j["peak_mb"], GOALS["peak"])
     row("working set MB (peak - loaded)", t["peak_mb"] - t["base_mb"], j["peak_mb"] - j["base_mb"])

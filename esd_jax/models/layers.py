@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from esd_jax.models.convolution import conv2d
+
 Dtype = jnp.dtype | type
 
 
@@ -62,13 +64,7 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.weight[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        y = conv2d(x.astype(self.dtype), self.weight[...].astype(self.dtype), stride=self.stride, padding=self.padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

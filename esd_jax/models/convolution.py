@@ -1,0 +1,49 @@
+"""The one convolution every network calls, so a faster kernel is swapped in here alone (as attention.py)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+# XLA's CPU convolution is slow when the weights outweigh the activations: SD 1.4's 3x3 convolutions at
+# 1280 channels take 31x as long as the same product written as patches @ weights on a 2x2 map, 2.9x
+# on 8x8, 1.6x on 16x16 (one CFG pair; docs/benchmarks.md). The same rewrite is slower when the map is
+# large, so CPUs take it only for big kernels (at least this many weights) on maps of at most as many
+# positions (batch x height x width) as input channels.
+CPU_PATCHES_MIN_WEIGHTS = 2**21
+
+
+def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
+    """PyTorch's conv2d on x [B, H, W, Cin] with w [kh, kw, Cin, Cout] (HWIO), no bias."""
+    xla = functools.partial(_xla, stride=stride, padding=padding)
+    b, h, wd, ci = x.shape
+    (pt, pb), (pl, pr) = padding
+    positions = b * ((h + pt + pb - w.shape[0]) // stride + 1) * ((wd + pl + pr - w.shape[1]) // stride + 1)
+    if w.size < CPU_PATCHES_MIN_WEIGHTS or positions > ci:
+        return xla(x, w)
+    cpu = functools.partial(patches_matmul, stride=stride, padding=padding)
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
+
+
+def _xla(x: jax.Array, w: jax.Array, *, stride: int, padding: Padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(stride, stride), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def patches_matmul(x: jax.Array, w: jax.Array, *, stride: int, padding: Padding) -> jax.Array:
+    """The same convolution as one matrix product of the kh * kw shifted (strided) views of x with w."""
+    kh, kw, ci, co = w.shape
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    b, h, wd, _ = x.shape
+    oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
+    span_h, span_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    views = [
+        jax.lax.slice(x, (0, i, j, 0), (b, i + span_h, j + span_w, ci), (1, stride, stride, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = jnp.concatenate(views, axis=-1)  # [B, oh, ow, kh * kw * Cin], in w's (i, j, c) order
+    return jnp.dot(patches.reshape(b * oh * ow, kh * kw * ci), w.reshape(kh * kw * ci, co)).reshape(b, oh, ow, co)
