@@ -4,6 +4,7 @@
     python scripts/bench_esd.py --iterations 16     # more timed iterations (each costs ~k UNet calls a side)
     python scripts/bench_esd.py --torch-grads trained   # torch computes gradients of the trained weights only
     python scripts/bench_esd.py --unet sd14 --iterations 3  # SD 1.4's own UNet (860M), 16x16 latents
+    python scripts/bench_esd.py --compile-only      # the memory of only compiling the JAX step
 
 The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 about 15 and 12 GB of
 memory; results are in docs/benchmarks.md.
@@ -58,6 +59,60 @@ DDIM_STEPS, START_GUIDANCE, LEARNING_RATE, SEED = 50, 3.0, 1e-5, 0
 GOALS = {"seconds": 0.8, "peak": 0.6}  # jax/torch at most
 
 
+def esd_objective(config: dict):
+    from esd_jax.esd import Objective
+
+    return Objective(
+        negative_guidance=1.0,
+        start_guidance=START_GUIDANCE,
+        ddim_steps=DDIM_STEPS,
+        xt_model="frozen",
+        latent_shape=(config["in_channels"], config["sample_size"], config["sample_size"]),
+        erase_from=False,
+    )
+
+
+def compile_jax(config: dict) -> dict:
+    """Resident memory of a JAX process that only compiles the step, from shapes (no weights, no run):
+    the floor under the peak of any implementation that compiles the whole iteration as one program."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from esd_jax import parallel
+    from esd_jax.esd import Prompts, TrainState, make_train_step
+    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from esd_jax.partition import trainable_filter
+    from esd_jax.schedulers import NoiseSchedule
+
+    jax.devices()
+    runtime = rss_mb()
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
+    optimizer = optax.adam(LEARNING_RATE)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        trainable=trainable,
+        opt_state=jax.eval_shape(optimizer.init, trainable),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    embedding = jax.ShapeDtypeStruct((77, config["cross_attention_dim"]), jnp.float32)
+    prompts = Prompts(concept=jax.ShapeDtypeStruct((1, *embedding.shape), jnp.float32), erase_from=None, null=embedding)
+    mesh = parallel.make_mesh()
+    step = make_train_step(graphdef, NoiseSchedule.from_config(SCHEDULER), esd_objective(config), optimizer, mesh, 1)
+    reset_peak()
+    compiled = step.lower(state, frozen, trainable, prompts).compile()
+    peak = peak_mb()
+    reset_peak()  # hands the compiler's freed heap back first
+    return dict(
+        runtime_mb=runtime,
+        peak_mb=peak,
+        compiled_mb=rss_mb(),
+        temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20,
+    )
+
+
 def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -65,7 +120,7 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     from flax import nnx
 
     from esd_jax import parallel
-    from esd_jax.esd import Objective, Prompts, TrainState, make_train_step, sample_draws
+    from esd_jax.esd import Prompts, TrainState, make_train_step, sample_draws
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
@@ -84,14 +139,7 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     reset_peak()
     base = rss_mb()
 
-    objective = Objective(
-        negative_guidance=1.0,
-        start_guidance=START_GUIDANCE,
-        ddim_steps=DDIM_STEPS,
-        xt_model="frozen",
-        latent_shape=(config["in_channels"], config["sample_size"], config["sample_size"]),
-        erase_from=False,
-    )
+    objective = esd_objective(config)
     optimizer = optax.adam(LEARNING_RATE)
     state = TrainState(
         step=jnp.int32(0),
@@ -224,13 +272,29 @@ def main() -> None:
     parser.add_argument(
         "--unet", choices=list(UNETS), default="reduced", help="reduced: 37.5M parameters; sd14: SD 1.4's (860M)"
     )
-    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only compile the JAX step from shapes (no weights) and print that process's memory",
+    )
+    parser.add_argument("--worker", choices=["jax", "torch", "compile"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = UNETS[args.unet]
     if args.worker == "jax":
         print(json.dumps(run_jax(args.dir, args.iterations, config)))
+        return
+    if args.worker == "compile":
+        print(json.dumps(compile_jax(config)))
+        return
+    if args.compile_only:
+        c = worker("compile", Path(), 0, args.unet, [])
+        print(f"compiling the ESD-x step of the {args.unet} UNet from shapes alone, in a process of its own:")
+        print(f"  RSS of the JAX runtime before it     {c['runtime_mb']:8.0f} MB")
+        print(f"  peak RSS while compiling             {c['peak_mb']:8.0f} MB")
+        print(f"  RSS with the compiled step           {c['compiled_mb']:8.0f} MB")
+        print(f"  the step's temporaries (XLA)         {c['temp_mb']:8.0f} MB, allocated when it runs")
         return
     if args.worker == "torch":
         print(json.dumps(run_torch(args.dir, args.iterations, config, args.k, args.torch_grads)))

@@ -2,6 +2,7 @@
 
     python scripts/bench_models.py            # SD-shaped UNet, reduced width, 32x32 latents, batch 2
     python scripts/bench_models.py --full     # the real SD 1.4 UNet config at 64x64 (slow on a CPU)
+    python scripts/bench_models.py --full --latent 16   # the same UNet on 16x16 latents (128 px)
 
 Each framework runs in its own subprocess so that peak resident memory (ru_maxrss) is its own;
 the peak is reset once the weights are loaded (so loading's transient copies don't count), and
@@ -136,12 +137,15 @@ def run_jax(config: dict, weights_file: Path, batch: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the full SD 1.4 UNet at 64x64 latents")
+    parser.add_argument("--latent", type=int, help="latent side (default: 64 with --full, else 32)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = SD14 if args.full else REDUCED
+    if args.latent:
+        config = {**config, "sample_size": args.latent}
     if args.worker:
         runner = run_jax if args.worker == "jax" else run_torch
         print(json.dumps(runner(config, args.weights, args.batch, args.repeats)))
@@ -153,6 +157,7 @@ def main() -> None:
         for worker in ("torch", "jax"):
             cmd = [sys.executable, __file__, "--worker", worker, "--weights", str(weights_file)]
             cmd += ["--batch", str(args.batch), "--repeats", str(args.repeats)] + (["--full"] if args.full else [])
+            cmd += ["--latent", str(config["sample_size"])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[worker] = json.loads(out.stdout.strip().splitlines()[-1])
     j, t = results["jax"], results["torch"]

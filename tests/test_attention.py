@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esd_jax.models.attention import CPU_PER_HEAD_SCORES, attention, per_head
+from esd_jax.models.attention import (
+    CPU_BLOCKED_SCORES,
+    CPU_PER_HEAD_SCORES,
+    CPU_QUERY_BLOCK,
+    attention,
+    per_head,
+)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -29,3 +35,24 @@ def test_long_sequences_take_the_per_head_path_with_the_same_gradients():
 
     for got, want in zip(loss(attention), loss(jax.nn.dot_product_attention), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal,lk", [(False, 2100), (True, 1536)])
+def test_long_heads_in_query_blocks_equal_xla_with_the_same_gradients(causal, lk):
+    rng = np.random.default_rng(2)
+    lq = 1536
+    q = jnp.asarray(rng.standard_normal((1, lq, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, lk, 2, 8)), jnp.float32) for _ in range(2))
+    assert lq * lk > CPU_BLOCKED_SCORES and lq % CPU_QUERY_BLOCK == 0
+
+    def grads(attend):
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(attend(q, k, v)))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    got_loss, got = grads(lambda q, k, v: per_head(q, k, v, causal=causal))
+    want_loss, want = grads(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal))
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)

@@ -35,8 +35,8 @@ def test_patches_matmul_equals_torch_conv2d(shape, kernel, stride, padding):
 
 def test_big_kernels_on_small_maps_take_the_patches_path_with_the_same_values_and_gradients():
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((1, 2, 2, 512)), jnp.float32)  # 4 positions, 512 channels in
-    w = jnp.asarray(rng.standard_normal((3, 3, 512, 512)) / 48, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 2, 2, 640)), jnp.float32)  # 4 positions, 640 channels in
+    w = jnp.asarray(rng.standard_normal((3, 3, 640, 640)) / 48, jnp.float32)
     assert w.size >= CPU_PATCHES_MIN_WEIGHTS
     padding = ((1, 1), (1, 1))
     fn = jax.jit(lambda x, w: conv2d(x, w, stride=1, padding=padding))
@@ -46,13 +46,15 @@ def test_big_kernels_on_small_maps_take_the_patches_path_with_the_same_values_an
     def grads(conv):
         return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1)))(x, w)
 
-    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
     for got, want in zip(grads(lambda x, w: conv2d(x, w, padding=padding)), grads(xla), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=1e-4)
 
 
 def test_large_maps_keep_xla_convolution():
-    x = jnp.zeros((1, 32, 32, 512), jnp.float32)  # 1024 positions > 512 channels in
-    w = jnp.zeros((3, 3, 512, 512), jnp.float32)
+    x = jnp.zeros((1, 32, 32, 640), jnp.float32)  # 1024 positions > 640 channels in
+    w = jnp.zeros((3, 3, 640, 640), jnp.float32)
     fn = jax.jit(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))
     assert "convolution(" in fn.lower(x, w).compile().as_text()

@@ -9,10 +9,10 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 # XLA's CPU convolution is slow when the weights outweigh the activations: SD 1.4's 3x3 convolutions at
 # 1280 channels take 31x as long as the same product written as patches @ weights on a 2x2 map, 2.9x
-# on 8x8, 1.6x on 16x16 (one CFG pair; docs/benchmarks.md). The same rewrite is slower when the map is
-# large, so CPUs take it only for big kernels (at least this many weights) on maps of at most as many
-# positions (batch x height x width) as input channels.
-CPU_PATCHES_MIN_WEIGHTS = 2**21
+# on 8x8, 1.6x on 16x16 (one CFG pair; docs/benchmarks.md). The rewrite is slower on large maps and
+# gains nothing below SD 1.4's 640-channel kernels, so CPUs take it only for kernels of at least that
+# many weights on maps of at most as many positions (batch x height x width) as input channels.
+CPU_PATCHES_MIN_WEIGHTS = 3 * 3 * 640 * 640
 
 
 def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
