@@ -6,8 +6,8 @@
     python scripts/bench_esd.py --unet sd14 --iterations 3  # SD 1.4's own UNet (860M), 16x16 latents
     python scripts/bench_esd.py --compile-only      # the memory of only compiling the JAX step
 
-The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 about 15 and 12 GB of
-memory; results are in docs/benchmarks.md.
+The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 --iterations 3 about 7
+and 11 GB of memory (the PyTorch side's); results are in docs/benchmarks.md.
 
 One ESD-x iteration: k guided DDIM steps from noise with the frozen UNet, its predictions e_c and e_0 at
 step k, the trainable UNet's prediction, MSE against e_c - 2 (e_c - e_0), backward, Adam on attn2. The
