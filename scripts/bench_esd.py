@@ -81,7 +81,7 @@ def compile_jax(config: dict) -> dict:
     from flax import nnx
 
     from esd_jax import parallel
-    from esd_jax.esd import Prompts, TrainState, make_train_step
+    from esd_jax.esd import Prompts, initial_state, make_train_step
     from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
@@ -91,12 +91,7 @@ def compile_jax(config: dict) -> dict:
     unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
     optimizer = optax.adam(LEARNING_RATE)
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        trainable=trainable,
-        opt_state=jax.eval_shape(optimizer.init, trainable),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-    )
+    state = jax.eval_shape(lambda trainable: initial_state(trainable, optimizer, SEED), trainable)
     embedding = jax.ShapeDtypeStruct((77, config["cross_attention_dim"]), jnp.float32)
     prompts = Prompts(concept=jax.ShapeDtypeStruct((1, *embedding.shape), jnp.float32), erase_from=None, null=embedding)
     mesh = parallel.make_mesh()
@@ -120,7 +115,7 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     from flax import nnx
 
     from esd_jax import parallel
-    from esd_jax.esd import Prompts, TrainState, make_train_step, sample_draws
+    from esd_jax.esd import Prompts, initial_state, make_train_step, sample_draws
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
@@ -141,13 +136,7 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
 
     objective = esd_objective(config)
     optimizer = optax.adam(LEARNING_RATE)
-    state = TrainState(
-        step=jnp.int32(0),
-        trainable=trainable,
-        opt_state=optimizer.init(trainable),
-        rng=jax.random.key_data(jax.random.key(SEED)),
-    )
-    state = parallel.place(state, mesh)
+    state = parallel.place(initial_state(trainable, optimizer, SEED), mesh)
     step = make_train_step(graphdef, NoiseSchedule.from_config(SCHEDULER), objective, optimizer, mesh, 1)
     seconds, ks, losses = [], [], []
     for i in range(iterations + 1):
