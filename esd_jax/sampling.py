@@ -524,8 +524,8 @@ def sample_to_folder(
     Images already in `out` are kept, so a rerun continues an interrupted one. Returns how many it made.
     `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
     """
-    from esd_jax.export import apply_delta, apply_run, read_run_config
     from esd_jax.pipeline import load_pipeline
+    from esd_jax.run import apply_delta, apply_run, read_config
 
     if (prompt is None) == (prompts is None):
         raise UserError("give either --prompt TEXT or --prompts FILE.csv")
@@ -541,7 +541,7 @@ def sample_to_folder(
         raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
     rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
     if model is None:
-        model = read_run_config(workdir).model if workdir is not None else "toy"
+        model = read_config(workdir).model if workdir is not None else "toy"
     defaults = toy.SAMPLING if model == toy.EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance"] if guidance is None else guidance

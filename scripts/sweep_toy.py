@@ -21,9 +21,9 @@ from pathlib import Path
 
 from esd_jax.config import EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.export import apply_delta
 from esd_jax.files import atomic_file
 from esd_jax.pipeline import load_pipeline
+from esd_jax.run import apply_delta
 from esd_jax.sampling import Sampler
 from esd_jax.toy import evaluate as ev
 from esd_jax.train import erase

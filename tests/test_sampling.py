@@ -14,8 +14,9 @@ from conftest import build_torch_pipeline
 from esd_jax import weights
 from esd_jax.cli import main
 from esd_jax.errors import UserError
-from esd_jax.export import apply_delta, write_delta
+from esd_jax.export import write_delta
 from esd_jax.partition import trainable_keys
+from esd_jax.run import apply_delta
 from esd_jax.sampling import generate, initial_noise, read_prompts_csv, sample_to_folder
 
 PROMPTS = ["red circle", "a photo of van gogh painting"]

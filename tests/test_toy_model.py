@@ -13,7 +13,7 @@ import torch
 import esd_jax
 from esd_jax import toy
 from esd_jax.config import EraseConfig
-from esd_jax.export import apply_delta
+from esd_jax.run import apply_delta
 from esd_jax.sampling import Sampler
 from esd_jax.toy import evaluate as ev
 from esd_jax.train import erase

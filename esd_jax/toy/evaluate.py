@@ -289,8 +289,8 @@ def run(
     """What `esd-jax evaluate` does: base against erased (a run's latest checkpoint, or a delta file), a
     table on the terminal, the picture (default: evaluate-<concept>.png in the run's workdir, else here)
     and, with `json_path`, the report as JSON."""
-    from esd_jax.export import apply_delta, apply_run, read_run_config
     from esd_jax.pipeline import load_pipeline
+    from esd_jax.run import apply_delta, apply_run, read_config
 
     if workdir is not None and esd is not None:
         raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
@@ -298,7 +298,7 @@ def run(
         raise UserError(f"--esd {esd}: no such file")
     if settings.num_per_prompt < 1:
         raise UserError(f"--num_per_prompt must be at least 1, got {settings.num_per_prompt}")
-    run_config = read_run_config(workdir) if workdir is not None else None
+    run_config = read_config(workdir) if workdir is not None else None
     if concept is None:
         concept = run_concept(run_config)
     parsed = parse_concept(concept)
