@@ -60,10 +60,8 @@ def export(argv: list[str]) -> None:
     from esd_jax.export import EXPORT_FORMATS, export_run
 
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "The erase run's workdir.", flag_values=fv, required=True)
-    flags.DEFINE_string(
-        "out", None, "Output folder (diffusers) or .safetensors file (single-file).", flag_values=fv, required=True
-    )
+    flags.DEFINE_string("workdir", None, "The erase run's workdir.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder (diffusers) or .safetensors file (single-file).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).", flag_values=fv)
     flags.DEFINE_enum(
         "format",
@@ -74,6 +72,11 @@ def export(argv: list[str]) -> None:
         flag_values=fv,
     )
     parse(fv, argv)
+    for name in ("workdir", "out"):
+        if fv[name].value is None:
+            raise UserError(
+                f"give --{name}: {argv[0]} --workdir RUN --out FOLDER (or FILE.safetensors --format single-file)"
+            )
     out = export_run(Path(fv.workdir), Path(fv.out), step=fv.step, fmt=fv.format)
     print(f"exported: {out}")
 
@@ -97,9 +100,7 @@ def sample(argv: list[str]) -> None:
         "A CSV with columns prompt, evaluation_seed, case_number (images: OUT/<case>_<i>.png).",
         flag_values=fv,
     )
-    flags.DEFINE_string(
-        "out", None, "Output folder; images already there are not made again.", flag_values=fv, required=True
-    )
+    flags.DEFINE_string("out", None, "Output folder; images already there are not made again.", flag_values=fv)
     flags.DEFINE_integer("steps", None, "Denoising steps (default: 50; the toy model's 25).", flag_values=fv)
     flags.DEFINE_float(
         "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 4).", flag_values=fv
@@ -117,6 +118,8 @@ def sample(argv: list[str]) -> None:
         flag_values=fv,
     )
     parse(fv, argv)
+    if fv.out is None:
+        raise UserError(f"give --out FOLDER for the images: {argv[0]} --prompt TEXT --out FOLDER")
     from esd_jax.sampling import sample_to_folder
 
     def path(value: str | None) -> Path | None:

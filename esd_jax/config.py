@@ -6,12 +6,19 @@ command line's ConfigDict back into the dataclass and says what is wrong with it
 """
 
 import dataclasses
+import math
 
 import ml_collections
 
 from esd_jax.errors import UserError
 from esd_jax.partition import METHODS
-from esd_jax.pipeline import DTYPES
+
+# Training computes in these; parameters and optimizer state stay float32.
+TRAIN_DTYPES = ("float32", "bfloat16")
+# The ESD loss's gradient reaches the UNet's output as about 1e-6 per latent element at SD size, below
+# float16's smallest normal number (6e-5): without loss scaling it trains on rounding noise.
+FLOAT16_NOTE = " (float16 underflows the ESD gradients; bfloat16 has float32's range at the same memory)"
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +37,7 @@ class EraseConfig:
     resolution: int = 0  # image side in pixels; 0: the model's native resolution (512 for SD 1.x)
     batch_per_device: int = 1  # the paper trains on one sample per step
     xt_model: str = "frozen"  # which model samples x_t: "frozen" (official diffusers code) or "trainable" (paper)
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16; parameters and optimizer state stay float32
     seed: int = 0
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
     keep_checkpoints: int = 3
@@ -60,14 +67,23 @@ class EraseConfig:
         for key in ("iterations", "ddim_steps", "batch_per_device", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be a positive integer")
-        if not self.learning_rate > 0:
-            raise bad("learning_rate", "must be positive")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise bad("learning_rate", "must be a positive finite number (the paper's: 1e-5)")
+        # eta < 0 would pull the model towards the concept; guidance < 0 samples away from it.
+        if not (math.isfinite(self.negative_guidance) and self.negative_guidance >= 0):
+            raise bad("negative_guidance", "eta must be a finite number >= 0 (the paper's: 1)")
+        if not (math.isfinite(self.start_guidance) and self.start_guidance >= 0):
+            raise bad("start_guidance", "the guidance scale must be a finite number >= 0 (the paper's: 3)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"seeds are 32-bit: 0..{MAX_SEED} (jax.random.key takes no more)")
         if self.resolution < 0:
             raise bad("resolution", "must be a positive number of pixels, or 0 for the model's native size")
         if self.xt_model not in ("frozen", "trainable"):
             raise bad("xt_model", "choose 'frozen' or 'trainable'")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"choose one of {', '.join(DTYPES)}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise bad(
+                "dtype", f"choose one of {', '.join(TRAIN_DTYPES)}{FLOAT16_NOTE if self.dtype == 'float16' else ''}"
+            )
         if not self.workdir:
             raise bad("workdir", "give a folder for checkpoints and outputs")
 

@@ -65,6 +65,12 @@ def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int)
     )
 
 
+def all_finite(tree) -> jax.Array:
+    """True where every floating-point number of `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_concepts: int):
     """Per-sample randomness from (seed, step, sample index): independent of how many devices run it."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, step), i))(jnp.arange(global_batch))
@@ -185,7 +191,9 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)
-        # Replicated, so every host can read the metrics.
-        return new_state, {"loss": loss, "k": jax.lax.with_sharding_constraint(k, NamedSharding(mesh, P()))}
+        # Replicated, so every host can read the metrics. `finite` checks the new weights as well as the
+        # loss: a finite loss can still take an overflowing step.
+        k = jax.lax.with_sharding_constraint(k, NamedSharding(mesh, P()))
+        return new_state, {"loss": loss, "k": k, "finite": jnp.isfinite(loss) & all_finite(trainable)}
 
     return step

@@ -16,14 +16,25 @@ class MetricsLog:
         self.path = path
         rows = self.read(path)
         kept = [r for r in rows if r["step"] <= resume_step]
-        if len(kept) != len(rows):
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(kept) != len([line for line in lines if line.strip()]):
+            with atomic_file(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
+        """The rows; a line cut short by a kill, or not a row of this log, is left out."""
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and isinstance(row.get("loss"), float):
+                rows.append(row)
+        return rows
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

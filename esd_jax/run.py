@@ -6,11 +6,101 @@
 <workdir>/esd-*.safetensors    the trained weights in the official ESD repository's format
 """
 
+import contextlib
+import fcntl
 import json
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from esd_jax import weights
 from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+
+
+def make_workdir(workdir: Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} is a file, not a folder; choose another --config.workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the workdir {workdir}: {e.strerror}") from None
+
+
+@contextlib.contextmanager
+def locked(workdir: Path) -> Iterator[None]:
+    """Holds `<workdir>/.lock` for the run, so that two runs never write one workdir at once.
+
+    The kernel drops the lock when its process dies, kill -9 included, so it never goes stale.
+    """
+    make_workdir(workdir)
+    path = workdir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(
+                f"workdir {workdir} is in use by process {holder} (a run of esd-jax); wait for it to end, "
+                "or give this run another --config.workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a run stored in `path` (config.json), None if it has none yet."""
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        values = None
+    if not isinstance(values, dict):
+        raise UserError(
+            f"{path} is damaged (not a JSON object), so which run this workdir holds is unknown; "
+            "use another workdir, or delete that file if you are sure the run's settings are these"
+        )
+    return values
+
+
+def check_same_run(workdir: Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
+    """Refuses a workdir that holds a run of other settings, so runs never mix."""
+    old = read_settings(workdir / "config.json")
+    if old is None:
+        return
+    differ = [k for k in settings if k not in resumable and old.get(k) != settings[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(
+            f"workdir {workdir} holds a run with {k}={old.get(k)!r}, not {settings[k]!r}; "
+            "use another workdir (or delete that one) to start a new run"
+        )
+
+
+def write_settings(workdir: Path, settings: dict[str, Any]) -> None:
+    with atomic_file(workdir / "config.json") as tmp:
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+class StopSignal:
+    """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.received = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def read_config(workdir: Path):
@@ -20,16 +110,13 @@ def read_config(workdir: Path):
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise UserError(f"{workdir} holds no erase run (no config.json); pass the --config.workdir of a run")
+    values = read_settings(path)
     try:
-        values = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not readable JSON ({e}); the file is damaged: rerun the erase command") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} is not a run's settings (a JSON object); rerun the erase command")
-    try:
-        return EraseConfig(**values)
-    except TypeError as e:
-        raise UserError(f"{path} is not an esd-jax erase run's config.json ({e})") from None
+        cfg = EraseConfig(**values)
+        cfg.validate()
+    except (TypeError, UserError) as e:
+        raise UserError(f"{path} is not the config.json of an esd-jax erase run ({e})") from None
+    return cfg
 
 
 def apply_run(pipe, workdir: Path, *, step: int | None = None):

@@ -181,7 +181,7 @@ def original_layout(pipe: StableDiffusion) -> dict[str, np.ndarray]:
     }
 
 
-def write_single_file(pipe: StableDiffusion, path: str | os.PathLike) -> None:
+def write_single_file(pipe: StableDiffusion, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Writes `original_layout(pipe)` to a safetensors file; a crash midway leaves any earlier file intact."""
     with atomic_file(Path(path)) as tmp:
-        weights.write_safetensors(original_layout(pipe), tmp)
+        weights.write_safetensors(original_layout(pipe), tmp, metadata)

@@ -4,9 +4,8 @@
 Orbax checkpoint in the workdir and ends with the same weights as an uninterrupted run.
 """
 
+import contextlib
 import dataclasses
-import json
-import signal
 import time
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from esd_jax import checkpoints, parallel, weights
+from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import Objective, Prompts, initial_state, make_train_step
 from esd_jax.export import delta_filename, write_delta
+from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter, trainable_keys
 from esd_jax.pipeline import StableDiffusion, load_pipeline
@@ -50,42 +50,30 @@ def latent_shape(pipe: StableDiffusion, resolution: int) -> tuple[int, int, int]
     return pipe.configs["unet"]["in_channels"], size // vae_factor, size // vae_factor
 
 
-def check_workdir(workdir: Path, cfg: EraseConfig) -> None:
-    """Refuses a workdir that holds a run of another configuration, so runs never mix."""
-    saved = workdir / "config.json"
-    if not saved.exists():
-        return
-    old = json.loads(saved.read_text())
-    new = dataclasses.asdict(cfg)
-    differ = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
-    if differ:
-        k = differ[0]
-        raise UserError(
-            f"workdir {workdir} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; "
-            "use another --config.workdir (or delete that one) to start a new run"
-        )
-
-
-class StopSignal:
-    """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.received = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 def erase(cfg: EraseConfig) -> Path:
     """Runs (or resumes) an erase; returns the path of the delta safetensors it writes."""
     parallel.initialize_distributed()
     workdir = Path(cfg.workdir).absolute()
-    check_workdir(workdir, cfg)
     main = parallel.is_main_process()
+    with run.locked(workdir) if main else contextlib.nullcontext():
+        return erase_locked(cfg, workdir, main)
+
+
+def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
+    settings = dataclasses.asdict(cfg)
+    run.check_same_run(workdir, settings, RESUMABLE_CHANGES)
+    # What can fail at the end fails now, before the run's work: the delta's name on this file system,
+    # and a workdir already past the iterations asked for.
+    out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
+    if main:
+        check_writable(out)
+    done = checkpoints.latest_step(workdir)
+    if done is not None and done > cfg.iterations:
+        raise UserError(
+            f"workdir {workdir} holds this run at step {done}, past config.iterations={cfg.iterations}; "
+            f"pass --config.iterations={done} or more to continue it, or `esd-jax export --workdir {workdir} "
+            "--step N` for an earlier checkpoint"
+        )
     mesh = parallel.make_mesh()
 
     pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
@@ -112,14 +100,10 @@ def erase(cfg: EraseConfig) -> Path:
         parallel.place(state, mesh), opt_state=parallel.place(state.opt_state, mesh, shard=cfg.shard_params)
     )
 
-    workdir.mkdir(parents=True, exist_ok=True)
     if main:
-        (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    manager = checkpoints.open_manager(
-        workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, config=dataclasses.asdict(cfg)
-    )
-    if manager.latest_step() is not None:
-        state = checkpoints.restore(manager, state)
+        run.write_settings(workdir, settings)
+    state = checkpoints.restore_latest(workdir, state, main=main)
+    manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = int(state.step)
 
     step_fn = make_train_step(
@@ -138,7 +122,7 @@ def erase(cfg: EraseConfig) -> Path:
         cfg.batch_per_device,
     )
     log = MetricsLog(workdir / "metrics.jsonl", start) if main else None
-    stop = StopSignal()
+    stop = run.StopSignal()
     bar = tqdm(
         total=cfg.iterations,
         initial=start,
@@ -151,12 +135,14 @@ def erase(cfg: EraseConfig) -> Path:
         for step in range(start, cfg.iterations):
             began = time.perf_counter()
             new_state, metrics = step_fn(state, frozen, original, prompts)
-            loss, k = jax.device_get((metrics["loss"], metrics["k"]))
-            if not np.isfinite(loss):
+            loss, k, finite = jax.device_get((metrics["loss"], metrics["k"], metrics["finite"]))
+            if not finite:
+                # The step donated the last state; the newest checkpoint is the last good one.
                 last = manager.latest_step()
+                what = "loss" if not np.isfinite(loss) else "weights"
                 raise UserError(
-                    f"the loss became {loss} at step {step + 1}; stopped, keeping the last good "
-                    f"checkpoint ({'step ' + str(last) if last is not None else 'none'}): "
+                    f"the {what} became non-finite at step {step + 1} (loss {loss}); stopped, keeping the last "
+                    f"good checkpoint ({'step ' + str(last) if last is not None else 'none'}): "
                     "try a lower learning_rate"
                 )
             state = new_state
@@ -177,7 +163,6 @@ def erase(cfg: EraseConfig) -> Path:
         if main and (workdir / "metrics.jsonl").exists():
             plot_loss(workdir / "metrics.jsonl", workdir / "loss.png", f"ESD {cfg.method}: erase {cfg.concept!r}")
 
-    out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
     if int(state.step) < cfg.iterations:
         print(f"stopped at step {int(state.step)} of {cfg.iterations} (SIGTERM); the same command resumes")
         return out

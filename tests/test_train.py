@@ -15,11 +15,13 @@ import pytest
 from safetensors.numpy import load_file
 
 import esd_jax
-from esd_jax import weights
+from esd_jax import run, weights
 from esd_jax.config import EraseConfig, default_config
 from esd_jax.errors import UserError
-from esd_jax.export import export_run
+from esd_jax.export import delta_filename, export_run
+from esd_jax.metrics import MetricsLog
 from esd_jax.partition import trainable_keys
+from esd_jax.run import apply_run
 from esd_jax.train import erase
 
 ITERATIONS = 4
@@ -176,12 +178,83 @@ def test_two_processes_give_the_result_of_one(sd1_folder, reference_run, tmp_pat
         np.testing.assert_allclose(multi[key], delta[key], rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd1_folder, tmp_path):
-    with pytest.raises(UserError, match=r"the loss became (nan|inf) at step \d; stopped, keeping the last good"):
-        erase(config(**settings(sd1_folder, tmp_path, learning_rate=1e30, checkpoint_every=1, iterations=6)))
+def test_non_finite_weights_stop_the_run_and_keep_the_last_good_checkpoint(sd1_folder, tmp_path):
+    # At this learning rate the first step's loss is finite and its update overflows the weights.
+    with pytest.raises(UserError, match=r"the (loss|weights) became non-finite at step \d .*keeping the last good"):
+        erase(config(**settings(sd1_folder, tmp_path, learning_rate=1e38, checkpoint_every=1, iterations=6)))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] == rows[-1]["step"] and np.isfinite(rows[-1]["loss"])
+    assert steps == [r["step"] for r in rows] and all(np.isfinite(r["loss"]) for r in rows)
+    if steps:
+        pipe, _, step = apply_run(None, tmp_path)
+        assert step == steps[-1]
+        assert all(np.isfinite(v).all() for v in weights.state_dict(pipe.unet).values())
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+    sd1_folder, reference_run, tmp_path, capsys
+):
+    _, delta = reference_run
+    values = settings(sd1_folder, tmp_path)
+    erase(config(**values))
+    data = max((tmp_path / "checkpoints" / "4").rglob("d/*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:100])  # a write cut short
+    resumed = load_file(erase(config(**values)))
+    out = capsys.readouterr()
+    assert "checkpoint step 4 is damaged: it does not read back" in out.out
+    assert "Traceback" not in out.err
+    [aside] = (tmp_path / "damaged-checkpoints").iterdir()
+    assert aside.name.startswith("4-") and (aside / "default").is_dir()
+    assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
+
+
+def test_iterations_below_the_steps_done_are_refused_and_the_delta_kept(sd1_folder, reference_run):
+    workdir, _ = reference_run
+    before = (workdir / DELTA).stat().st_mtime_ns
+    with pytest.raises(UserError, match=f"holds this run at step {ITERATIONS}, past config.iterations=2; pass"):
+        erase(config(**settings(sd1_folder, workdir, iterations=2)))
+    assert (workdir / DELTA).stat().st_mtime_ns == before
+
+
+def test_a_workdir_in_use_is_refused_naming_the_process(sd1_folder, tmp_path):
+    with run.locked(tmp_path):
+        with pytest.raises(UserError, match=f"workdir {tmp_path} is in use by process {os.getpid()}"):
+            erase(config(**settings(sd1_folder, tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda w: w.write_text("x"), "is a file, not a folder; choose another --config.workdir"),
+        (lambda w: (w.mkdir(), (w / "config.json").write_text('{"model": "m", "conc')), "config.json is damaged"),
+        (lambda w: (w.mkdir(), (w / "checkpoints").write_text("x")), "is a file, not Orbax's checkpoint folder"),
+    ],
+)
+def test_damaged_workdirs_are_refused_in_one_line(sd1_folder, tmp_path, setup, message):
+    workdir = tmp_path / "run"
+    setup(workdir)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match=message) as e:
+        erase(config(**settings(sd1_folder, workdir)))
+    assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_torn_metrics_log_loses_only_its_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')
+    MetricsLog(path, resume_step=2)
+    assert [r["step"] for r in MetricsLog.read(path)] == [1, 2]
+    assert path.read_text().endswith("}\n")
+
+
+def test_delta_names_stay_within_file_system_limits():
+    assert delta_filename("Van Gogh", "", "esd-x") == "esd-Van_Gogh-from-Van_Gogh-esdx.safetensors"
+    artists = "|".join(f"Painter Number {i} of the Dutch Golden Age" for i in range(11))
+    name = delta_filename(artists, "", "esd-x")
+    assert len(name.encode()) <= 200 and name.startswith("esd-Painter_Number_0") and name.endswith("-esdx.safetensors")
+    assert name != delta_filename(artists + "|one more", "", "esd-x")
 
 
 @pytest.mark.parametrize(
@@ -190,7 +263,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(sd1_folder, tm
         ({"concept": ""}, "config.concept='': give the concept to erase"),
         ({"method": "esd-q"}, "config.method='esd-q': unknown method; choose one of esd-x, esd-x-strict"),
         ({"iterations": 0}, "config.iterations=0: must be a positive integer"),
-        ({"learning_rate": 0.0}, "config.learning_rate=0.0: must be positive"),
+        ({"learning_rate": 0.0}, "config.learning_rate=0.0: must be a positive finite number"),
+        ({"learning_rate": float("inf")}, "config.learning_rate=inf: must be a positive finite number"),
+        ({"negative_guidance": float("nan")}, "config.negative_guidance=nan: eta must be a finite number >= 0"),
+        ({"negative_guidance": -1.0}, "config.negative_guidance=-1.0: eta must be a finite number >= 0"),
+        ({"start_guidance": float("nan")}, "config.start_guidance=nan: the guidance scale must be a finite"),
+        ({"seed": 2**40}, "config.seed=1099511627776: seeds are 32-bit: 0..4294967295"),
+        ({"dtype": "float16"}, "config.dtype='float16': choose one of float32, bfloat16 (float16 underflows"),
         ({"erase_from": "a|b|c"}, "give one prompt, or one per concept (2)"),
     ],
 )
@@ -215,6 +294,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
         (["erase", "--config", "configs/missing.py"], "cannot load the config file 'configs/missing.py'"),
         (["erase", "--config", "configs/esd_x.py", "--config.concept=x", "--config.method=bad"], "unknown method"),
         (["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")], "holds no erase run"),
+        (["export", "--workdir", str(tmp_path)], "give --out: esd-jax export --workdir RUN --out FOLDER"),
     ]:
         out, err = esd_jax_cli(args).communicate(timeout=120)
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err

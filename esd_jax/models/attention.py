@@ -28,11 +28,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     # XLA's implementation on every backend; on GPU "cudnn" (flash attention, half precision only)
     # and on TPU a splash-attention kernel are the drop-in replacements.
     xla = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
-    if q.shape[1] * k.shape[1] < CPU_PER_HEAD_SCORES:
-        out = xla(q, k, v)
-    else:
-        out = jax.lax.platform_dependent(q, k, v, cpu=functools.partial(per_head, causal=causal), default=xla)
+    cpu = xla if q.shape[1] * k.shape[1] < CPU_PER_HEAD_SCORES else functools.partial(per_head, causal=causal)
+    if dtype == jnp.float16:
+        # XLA's CPU dot has no float16 x float16 -> float32 kernel; GPUs keep float16.
+        cpu = upcast_float16(cpu)
+    out = jax.lax.platform_dependent(q, k, v, cpu=cpu, default=xla)
     return out.astype(dtype)
+
+
+def upcast_float16(fn):
+    return lambda *qkv: fn(*(t.astype(jnp.float32) for t in qkv)).astype(jnp.float16)
 
 
 def per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False) -> jax.Array:

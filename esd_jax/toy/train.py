@@ -22,14 +22,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from esd_jax import checkpoints
+from esd_jax import checkpoints, run
 from esd_jax.errors import UserError
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import NoiseSchedule
 from esd_jax.toy import world
 from esd_jax.toy.model import SCHEDULER, Networks, ToyModel, build, set_scaling_factor
-from esd_jax.train import StopSignal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +220,7 @@ def run_stage(
     captions: Captions,
     workdir: Path,
     deadline: float,
-    stop: StopSignal,
+    stop: run.StopSignal,
 ) -> ToyState:
     """Restores the stage's latest checkpoint, trains it to `steps` or the deadline, checkpoints; its state."""
     trains = TRAINS[stage.name]
@@ -312,32 +311,23 @@ def latent_scale(vae, seed: int) -> float:
     return float(1.0 / jnp.std(z))
 
 
-def check_workdir(workdir: Path, cfg: TrainToyConfig) -> None:
-    """Refuses to continue a run of other settings, so two runs never mix in one workdir."""
-    saved = workdir / "config.json"
-    if saved.exists():
-        old, new = json.loads(saved.read_text()), json.loads(json.dumps(cfg.to_dict()))
-        differ = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
-        if differ:
-            k = differ[0]
-            raise UserError(
-                f"workdir {workdir} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; "
-                "use another workdir (or delete that one) to start a new run"
-            )
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-
 def train(cfg: TrainToyConfig, workdir: Path, minutes: float, export: Path | None = None) -> Path | None:
     """Trains (or continues) for at most `minutes`, then exports the EMA pipeline; its folder, or None
     while the UNet stage has not started. `export` defaults to `<workdir>/pipeline`."""
     workdir = Path(workdir).absolute()
-    check_workdir(workdir, cfg)
+    with run.locked(workdir):
+        settings = json.loads(json.dumps(cfg.to_dict()))
+        run.check_same_run(workdir, settings, RESUMABLE_CHANGES)
+        run.write_settings(workdir, settings)
+        return train_locked(cfg, workdir, minutes, export)
+
+
+def train_locked(cfg: TrainToyConfig, workdir: Path, minutes: float, export: Path | None) -> Path | None:
     deadline = time.time() + 60 * minutes
     pipe = build(cfg.model, cfg.seed)
     net = Networks(pipe)
     captions = Captions(pipe)
-    stop = StopSignal()
+    stop = run.StopSignal()
     try:
         vae_stage = Stage(
             "vae",
