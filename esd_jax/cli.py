@@ -40,6 +40,7 @@ def erase(argv: list[str]) -> None:
         for field in dataclasses.fields(EraseConfig):
             print(f"  --config.{field.name}={field.default!r}")
         sys.exit(0)
+    check_config_file(argv)
     parse(fv, argv)
     config = fv.config
     if config is None:
@@ -194,6 +195,37 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
 }
 
 
+def check_config_file(argv: list[str]) -> None:
+    """Loads the --config file once on its own, so that a file that is not a config (binary, a syntax
+    error, a missing import, no get_config) gets one line instead of config_flags' traceback."""
+    import importlib.util
+
+    import ml_collections
+
+    args = argv[1:]
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    names += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    if not names:
+        return
+    name, *argument = names[-1].split(":", 1)  # config_flags passes "file.py:argument" to get_config
+    path = Path(name)
+    layout = "configs/ holds esd_x.py, esd_x_strict.py, esd_u.py, esd_all.py and toy.py"
+    if not path.is_file():
+        raise UserError(f"cannot load the config file {str(path)!r}: no such file; {layout}")
+    try:
+        spec = importlib.util.spec_from_file_location("esd_jax_user_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(*argument)
+    except Exception as e:  # anything a Python file can raise on import
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot load the config file {str(path)!r}: {type(e).__name__}: {first}; {layout}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(
+            f"the config file {str(path)!r}: get_config() returned a {type(config).__name__}, not a ConfigDict"
+        )
+
+
 def parse(fv: flags.FlagValues, argv: list[str]) -> None:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
         print(f"usage: {argv[0]} [--flags]\n\n{fv.get_help(include_special_flags=False)}")
@@ -202,7 +234,7 @@ def parse(fv: flags.FlagValues, argv: list[str]) -> None:
         fv(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections reports an override of an unknown key as AttributeError/KeyError.
-        message = str(e).strip("\"'")
+        message = str(e).strip("\"'").splitlines()[0]
         raise UserError(f"bad flag or config override ({message}); see `{argv[0]} --help`") from None
 
 

@@ -7,9 +7,11 @@ diffusers' `StableDiffusionPipeline.from_pretrained` loads with no missing or un
 
 import dataclasses
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from esd_jax import weights
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_dir
 from esd_jax.models import clip, unet, vae
+from esd_jax.schedulers import NoiseSchedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -37,6 +40,11 @@ HUB_PATTERNS = [
     *(f"{c}/{p}" for c in WEIGHT_FILES for p in ("config.json", WEIGHT_FILES[c])),
 ]
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# Keys read straight from a config.json (the native image size, the latent shape) rather than through the
+# config classes' defaults, so a file must have them.
+REQUIRED_KEYS = {"unet": ("sample_size", "in_channels", "down_block_types"), "vae": ("block_out_channels",)}
+# A number in a network config is a size, a count, a scale or an epsilon, so positive; these may be 0.
+MAY_BE_ZERO = ("freq_shift", "downsample_padding", "dropout", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def resolve_dtype(name: str) -> jnp.dtype:
@@ -63,9 +71,20 @@ class StableDiffusion:
     model_index: dict[str, Any]
     source: Path | None = None
 
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Writes a diffusers folder; a crash midway leaves any earlier folder at `out_dir` intact."""
+    @property
+    def native_resolution(self) -> int:
+        """The side in pixels of the images the model makes by default: the UNet's latent side times the
+        VAE's downsampling (one halving per block after the first)."""
+        return self.configs["unet"]["sample_size"] * 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Writes a diffusers folder; a crash midway leaves any earlier folder at `out_dir` intact.
+
+        `extra` maps file names to JSON objects written in the folder beside model_index.json.
+        """
         with atomic_dir(Path(out_dir)) as tmp:
+            for name, obj in (extra or {}).items():
+                write_json(tmp / name, obj)
             for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
                 (tmp / name).mkdir()
                 write_json(tmp / name / "config.json", self.configs[name])
@@ -97,9 +116,72 @@ def read_json(path: Path) -> dict[str, Any]:
             "unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: holds {json_kind(value)}, not an object of keys and values")
+    return value
+
+
+def json_kind(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int | float, "a number"), (str, "a string"), (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def describe(annotation: Any, low: str) -> str:
+    """A config field's annotation as the JSON it takes ("positive int or list of positive ints")."""
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(describe(a, low) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"list of {count}{describe(args[0], low)}s"
+    if annotation in (int, float):
+        name = "int" if annotation is int else "number"
+        return f"{low} {name}" if low == "positive" else f"{name} {low}"
+    return {bool: "true or false", str: "string", type(None): "null"}[annotation]
+
+
+def fits(value: Any, annotation: Any, low: str) -> bool:
+    """Whether a config.json value has the annotated type (a JSON list stands for a tuple), numbers `low`."""
+    if isinstance(annotation, types.UnionType):
+        return any(fits(value, a, low) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, list | tuple) or not value:
+            return False
+        args = typing.get_args(annotation)
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        return len(items) == len(value) and all(fits(v, a, low) for v, a in zip(value, items, strict=True))
+    if annotation in (int, float):
+        kind = int if annotation is int else int | float
+        if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        return value > 0 if low == "positive" else value >= 0
+    return isinstance(value, annotation)
+
+
+def check_config(name: str, config: dict[str, Any], config_cls: type, path: Path) -> None:
+    """Refuses a value of the wrong type or sign here, naming its key, rather than deep inside building a
+    network (a ZeroDivisionError) or silently ("yes" for a flag)."""
+    for key in REQUIRED_KEYS.get(name, ()):
+        if key not in config:
+            raise UserError(f"{path}: the key {key!r} is missing; copy it from the model's original config.json")
+    if name == "unet" and not fits(config["sample_size"], int, "positive"):  # the native size must be square
+        raise UserError(
+            f"{path}: sample_size={json.dumps(config['sample_size'])} is not supported; "
+            "expected positive int, the latent side (64 for SD 1.x, 96 for SD 2.1)"
+        )
+    for field in dataclasses.fields(config_cls):
+        low = ">= 0" if field.name in MAY_BE_ZERO else "positive"
+        # A key annotated None has one supported value: the config class's own check explains it better.
+        if field.name in config and field.type is not None and not fits(config[field.name], field.type, low):
+            raise UserError(
+                f"{path}: {field.name}={json.dumps(config[field.name])} is not valid; "
+                f"expected {describe(field.type, low)}"
+            )
 
 
 def locate(model: str | os.PathLike) -> Path:
@@ -161,18 +243,37 @@ def weight_file(folder: Path, name: str) -> Path:
     raise UserError(f"{folder}: no {plain.name}")
 
 
-def load_module(build: Callable[[], nnx.Module], tensors: dict, *, source: str) -> nnx.Module:
-    """Builds the module abstractly (no random init of weights about to be replaced), then loads it."""
-    module = nnx.eval_shape(build)
-    weights.load_state_dict(module, tensors, source=source)
-    return module
+# Each network: its config class, its module and the key renaming its checkpoints need.
+SPECS = {
+    "unet": (unet.UNetConfig, unet.UNet2DConditionModel, lambda t: t),
+    "vae": (vae.VAEConfig, vae.AutoencoderKL, vae.normalize_keys),
+    "text_encoder": (clip.CLIPTextConfig, clip.CLIPTextModel, clip.normalize_keys),
+}
+
+
+def build_abstract(name: str, config: dict[str, Any], path: Path, **kw: Any) -> nnx.Module:
+    """The network `name` from its config.json `config` read at `path`, shapes only (no random init of weights
+    about to be replaced). Any failure is the file's fault, and says so."""
+    config_cls, model_cls, _ = SPECS[name]
+    check_config(name, config, config_cls, path)
+    try:
+        parsed = config_cls.from_dict(config)
+        return nnx.eval_shape(lambda: model_cls(parsed, **kw, rngs=nnx.Rngs(0)))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(
+            f"{path}: cannot build the {name} from this config ({type(e).__name__}: {first}); "
+            "compare it with the model's original config.json"
+        ) from None
 
 
 def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32") -> StableDiffusion:
     """Loads a Stable Diffusion pipeline from a diffusers folder or a Hugging Face hub id.
 
     `dtype` is the compute dtype of every network; parameters are stored in `param_dtype`
-    (float32 by default: fine-tuning needs it).
+    (float32 by default: fine-tuning needs it). Every config is checked before any weights are read.
     """
     compute, params = resolve_dtype(dtype), resolve_dtype(param_dtype)
     root = locate(model)
@@ -183,28 +284,21 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
             f"{root / 'model_index.json'}: pipeline {kind!r} is not supported yet; supported: "
             f"{', '.join(SUPPORTED_PIPELINES)} (SD 1.x and 2.x)"
         )
+    scheduler_path = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler_path)
+    try:  # the schedule training and DDIM sampling build: a nonsense value fails here, not after compiling
+        NoiseSchedule.from_config(scheduler_config)
+    except UserError as e:
+        raise UserError(f"{scheduler_path}: {e}") from None
     configs = {name: read_json(root / name / "config.json") for name in WEIGHT_FILES}
-    specs = {
-        "unet": (unet.UNetConfig, unet.UNet2DConditionModel, lambda t: t),
-        "vae": (vae.VAEConfig, vae.AutoencoderKL, vae.normalize_keys),
-        "text_encoder": (clip.CLIPTextConfig, clip.CLIPTextModel, clip.normalize_keys),
+    modules = {
+        name: build_abstract(name, configs[name], root / name / "config.json", dtype=compute, param_dtype=params)
+        for name in WEIGHT_FILES
     }
-    modules = {}
-    for name, (config_cls, model_cls, normalize) in specs.items():
-        config = config_cls.from_dict(configs[name])
+    tokenizer = load_tokenizer(root / "tokenizer")
+    for name, module in modules.items():
         path = weight_file(root / name, name)
-        tensors = normalize(weights.read_safetensors(path))
-        modules[name] = load_module(
-            lambda config=config, model_cls=model_cls: model_cls(
-                config, dtype=compute, param_dtype=params, rngs=nnx.Rngs(0)
-            ),
-            tensors,
-            source=str(path),
-        )
-    if not (root / "tokenizer").is_dir():
-        raise UserError(f"{root}: no tokenizer/ folder")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+        weights.load_state_dict(module, SPECS[name][2](weights.read_safetensors(path)), source=str(path))
     return StableDiffusion(
         unet=modules["unet"],
         text_encoder=modules["text_encoder"],
@@ -215,6 +309,17 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
         model_index=model_index,
         source=root,
     )
+
+
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    # transformers builds a tokenizer from an empty folder without complaint, one that maps every word to one id.
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise UserError(f"{folder}: no tokenizer.json or vocab.json; a diffusers folder has the CLIP tokenizer there")
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{folder}: not a readable CLIP tokenizer ({type(e).__name__}: {first})") from None
 
 
 def new_pipeline(

@@ -7,6 +7,7 @@ and takes that class's defaults for the rest, as `from_config` does.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -33,27 +34,56 @@ DEFAULTS = dict(
 )
 
 
+def check(c: dict[str, Any], key: str, ok: bool, supported: str) -> None:
+    if not ok:
+        raise UserError(f"scheduler config: {key}={c[key]!r} is not supported; supported: {supported}")
+
+
 def check_supported(c: dict[str, Any], key: str, supported: tuple) -> None:
-    if c[key] not in supported:
-        raise UserError(
-            f"scheduler config: {key}={c[key]!r} is not supported; supported: {', '.join(map(repr, supported))}"
-        )
+    # `type(...) is`: True == 1 and 1 == True, but a flag is not a count and a count is not a flag.
+    ok = any(type(c[key]) is type(s) and c[key] == s for s in supported)
+    check(c, key, ok, ", ".join(map(repr, supported)))
 
 
-def train_alphas_cumprod(c: dict[str, Any]) -> np.ndarray:
-    """alpha-bar of each training timestep [num_train_timesteps] float32, as diffusers computes it."""
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_shared(c: dict[str, Any]) -> None:
+    """The keys both samplers read besides the betas; diffusers takes any value of most of them and then
+    indexes out of range (steps_offset, num_train_timesteps) or fails at its first step."""
     n = c["num_train_timesteps"]
-    if c["trained_betas"] is not None:
-        betas = np.asarray(c["trained_betas"], np.float32)
-    else:
-        check_supported(c, "beta_schedule", ("linear", "scaled_linear"))
-        if c["beta_schedule"] == "linear":
-            betas = np.linspace(c["beta_start"], c["beta_end"], n, dtype=np.float32)
-        else:
-            betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, n, dtype=np.float32) ** 2
+    check(c, "num_train_timesteps", is_int(n) and n >= 1, "an int >= 1 (SD: 1000)")
     for key in ("thresholding", "rescale_betas_zero_snr"):
         check_supported(c, key, (False,))
     check_supported(c, "prediction_type", ("epsilon", "v_prediction"))
+    check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
+    check(c, "steps_offset", is_int(c["steps_offset"]) and 0 <= c["steps_offset"] < n, f"an int in 0..{n - 1}")
+
+
+def train_alphas_cumprod(c: dict[str, Any]) -> np.ndarray:
+    """alpha-bar of each training timestep [num_train_timesteps] float32, as diffusers computes it, from
+    betas in (0, 1) (beta 1 makes alpha-bar 0, and x_0 = x / 0) rising from beta_start to beta_end."""
+    check_shared(c)
+    n = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        tb = c["trained_betas"]
+        ok = isinstance(tb, list | tuple) and len(tb) == n and all(is_number(b) and 0 < b < 1 for b in tb)
+        check(c, "trained_betas", ok, f"null, or {n} numbers in (0, 1), one per training timestep")
+        betas = np.asarray(tb, np.float32)
+    else:
+        check_supported(c, "beta_schedule", ("linear", "scaled_linear"))
+        start, end = c["beta_start"], c["beta_end"]
+        check(c, "beta_start", is_number(start) and 0 < start < 1, "a number in (0, 1) (SD: 0.00085)")
+        check(c, "beta_end", is_number(end) and start <= end < 1, f"a number in [beta_start={start}, 1) (SD: 0.012)")
+        if c["beta_schedule"] == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float32)
+        else:
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
     return np.cumprod(1.0 - betas, dtype=np.float32)
 
 
@@ -83,9 +113,11 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
         c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
-        n = c["num_train_timesteps"]
         alphas_cumprod = train_alphas_cumprod(c)
-        check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
+        n = c["num_train_timesteps"]
+        for key in ("clip_sample", "set_alpha_to_one"):
+            check_supported(c, key, (True, False))
+        check(c, "clip_sample_range", is_number(c["clip_sample_range"]) and c["clip_sample_range"] > 0, "a number > 0")
         return cls(
             alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=1.0 if c["set_alpha_to_one"] else float(alphas_cumprod[0]),
@@ -102,7 +134,8 @@ class NoiseSchedule:
         if not 0 < steps <= n:
             raise UserError(f"the number of sampling steps must be in 1..{n}, got {steps}")
         if self.timestep_spacing == "leading":
-            return (np.arange(steps) * (n // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+            t = (np.arange(steps) * (n // steps)).round()[::-1].astype(np.int64) + self.steps_offset
+            return check_in_range(t, n, self.steps_offset)
         if self.timestep_spacing == "trailing":
             return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
         return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
@@ -110,6 +143,17 @@ class NoiseSchedule:
     def prev_timesteps(self, steps: int) -> np.ndarray:
         """The timestep each DDIM step lands on (negative: past the end, x_0)."""
         return self.timesteps(steps) - self.num_train_timesteps // steps
+
+
+def check_in_range(timesteps: np.ndarray, n: int, steps_offset: int) -> np.ndarray:
+    """`timesteps`, if none is past the last training timestep; "leading" spacing shifts them all by
+    steps_offset, which a config allows but diffusers then indexes out of range with."""
+    if timesteps.max() >= n:
+        raise UserError(
+            f"{len(timesteps)} steps with the scheduler config's steps_offset={steps_offset} reach timestep "
+            f"{timesteps.max()}, past the last one ({n - 1}); use fewer steps"
+        )
+    return timesteps
 
 
 def ddim_step(
@@ -188,8 +232,10 @@ class DPMSolverSchedule:
         check_supported(c, "solver_order", (1, 2))
         check_supported(c, "solver_type", ("midpoint", "heun"))
         check_supported(c, "final_sigmas_type", ("zero", "sigma_min"))
-        check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
         check_supported(c, "variance_type", (None,))
+        for key in ("lower_order_final", "euler_at_final"):
+            check_supported(c, key, (True, False))
+        check(c, "lambda_min_clipped", is_number(c["lambda_min_clipped"]), "a number, or -Infinity (no clipping)")
         for key in (
             "use_karras_sigmas",
             "use_exponential_sigmas",
@@ -224,6 +270,7 @@ class DPMSolverSchedule:
             t = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
         elif self.timestep_spacing == "leading":
             t = (np.arange(steps + 1) * (last // (steps + 1))).round()[::-1][:-1].astype(np.int64) + self.steps_offset
+            check_in_range(t, n, self.steps_offset)
         else:  # trailing
             t = np.arange(last, 0, -n / steps).round().astype(np.int64) - 1
         if len(np.unique(t)) != len(t):

@@ -93,11 +93,15 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
             return {k: np.asarray(v) for k, v in load_jax(str(path)).items()}
     except Exception as e:  # safetensors raises bare exceptions for truncated or foreign files
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(
+            f"{path}: not a readable safetensors file ({reason}); it is damaged, truncated or another format: "
+            "download or save it again"
+        ) from None
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    save_file(dict(tensors), str(path), metadata={"format": "pt", **(metadata or {})})
     # safetensors creates the file owner-only; give it the permissions any other new file gets.
     umask = os.umask(0)
     os.umask(umask)

@@ -1,6 +1,9 @@
 """`esd-jax evaluate`'s measurement: prompt groups, rates and accuracies against the world's own labels."""
 
 import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,12 +116,42 @@ def test_cli_errors(tmp_path, capsys, monkeypatch, args, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_cli_refuses_a_model_outside_the_world(sd1_folder, tmp_path, capsys):
-    """The tiny test pipeline's tokenizer lacks 'yellow': evaluate says so instead of sampling nonsense."""
-    assert (
-        main(["esd-jax", "evaluate", "--model", str(sd1_folder), "--concept", "red", "--grid", str(tmp_path / "g.png")])
-        == 2
-    )
+def resized(folder: Path, tmp_path: Path, sample_size: int) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": sample_size}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "sample_size, message",
+    [
+        # The tiny test pipeline makes 16 px images (8 latents, a 2-level VAE): the oracle reads 32.
+        (8, f"evaluate judges only the toy world's {world.SIZE} px RGB (3-channel) images, and this model makes 16 px"),
+        # At 32 px, its tokenizer still lacks 'yellow'.
+        (16, "the model's tokenizer does not know the word"),
+    ],
+)
+def test_cli_refuses_a_model_outside_the_world(sd1_folder, tmp_path, capsys, sample_size, message):
+    """Before the erased model loads (a damaged delta would be the error otherwise) or anything is sampled."""
+    delta = tmp_path / "delta.safetensors"
+    delta.write_bytes(b"not safetensors")
+    model = resized(sd1_folder, tmp_path, sample_size)
+    grid = tmp_path / "g.png"
+    args = ["--model", str(model), "--concept", "red", "--esd", str(delta), "--grid", str(grid)]
+    assert main(["esd-jax", "evaluate", *args]) == 2
     err = capsys.readouterr().err
-    assert "does not know the word" in err and "--model toy" in err
-    assert not (tmp_path / "g.png").exists()
+    assert err.startswith("error: ") and message in err and "--model toy" in err and err.count("\n") == 1
+    assert not grid.exists()
+
+
+def test_the_oracle_reads_only_rgb_images():
+    """A model of the world's size but not 3 channels (the VAE's out_channels) is refused too."""
+
+    class Pipe:
+        native_resolution = world.SIZE
+        vae = SimpleNamespace(config=SimpleNamespace(out_channels=1))
+
+    with pytest.raises(UserError, match=f"this model makes {world.SIZE} px 1-channel images"):
+        ev.check_images(Pipe)

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import esd_jax
 from esd_jax import weights
+from esd_jax.cli import main
 from esd_jax.errors import UserError
 
 COMPONENT_FILES = {
@@ -180,21 +181,115 @@ def sdxl_unet(copy: Path) -> None:
     (copy / "unet" / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (to_bin, "only PyTorch pickle weights"),
-        (bad_shape, "'conv_in.weight' has shape (16, 4, 3, 3), the config implies (32, 4, 3, 3)"),
-        (sdxl, "'StableDiffusionXLPipeline' is not supported"),
-        (sdxl_unet, "addition_embed_type"),
-        (lambda c: (c / "model_index.json").unlink(), "model_index.json is missing"),
-    ],
-)
-def test_bad_checkpoints_raise_one_clear_line(tiny_pipeline, tmp_path, edit, message):
-    folder, _ = tiny_pipeline
+UNET, VAE, TEXT = "unet/config.json", "vae/config.json", "text_encoder/config.json"
+SCHEDULER = "scheduler/scheduler_config.json"
+MISSING = object()  # set_key's value that removes the key
+
+
+def write(file: str, content: str | bytes):
+    """An edit replacing `file` of the folder with `content`."""
+
+    def edit(copy: Path) -> None:
+        (copy / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+    return edit
+
+
+def set_key(file: str, key: str, value):
+    """An edit setting `key` of the JSON object in `file` (a missing value: removing it)."""
+
+    def edit(copy: Path) -> None:
+        config = json.loads((copy / file).read_text())
+        if value is MISSING:
+            del config[key]
+        else:
+            config[key] = value
+        (copy / file).write_text(json.dumps(config))
+
+    return edit
+
+
+def truncate(file: str):
+    def edit(copy: Path) -> None:
+        data = (copy / file).read_bytes()
+        (copy / file).write_bytes(data[: len(data) // 2])
+
+    return edit
+
+
+def empty_tokenizer(copy: Path) -> None:
+    for f in (copy / "tokenizer").iterdir():
+        f.unlink()
+
+
+BAD_FOLDERS = [
+    (to_bin, "only PyTorch pickle weights"),
+    (bad_shape, "'conv_in.weight' has shape (16, 4, 3, 3), the config implies (32, 4, 3, 3)"),
+    (sdxl, "'StableDiffusionXLPipeline' is not supported"),
+    (sdxl_unet, "unet/config.json: unet config: addition_embed_type='text_time' is not supported"),
+    (lambda c: (c / "model_index.json").unlink(), "model_index.json is missing"),
+    # JSON that is not an object of keys
+    (write("model_index.json", "[1, 2]"), "model_index.json: holds an array, not an object"),
+    (write("model_index.json", '"x"'), "model_index.json: holds a string, not an object"),
+    (write(UNET, "[1]"), "unet/config.json: holds an array, not an object"),
+    (write(VAE, "null"), "vae/config.json: holds null, not an object"),
+    (write(TEXT, "{"), "text_encoder/config.json: not valid JSON"),
+    (write(SCHEDULER, "3"), "scheduler_config.json: holds a number, not an object"),
+    # network config values of the wrong type or sign, and keys esd-jax reads straight from the file
+    (set_key(UNET, "block_out_channels", "abc"), 'block_out_channels="abc" is not valid; expected list of positive'),
+    (set_key(UNET, "block_out_channels", [32, -64]), "block_out_channels=[32, -64] is not valid"),
+    (set_key(UNET, "sample_size", -3), "unet/config.json: sample_size=-3 is not supported; expected positive int"),
+    (set_key(UNET, "sample_size", [8, 8]), "sample_size=[8, 8] is not supported"),
+    (set_key(UNET, "sample_size", MISSING), "unet/config.json: the key 'sample_size' is missing"),
+    (set_key(UNET, "down_block_types", MISSING), "unet/config.json: the key 'down_block_types' is missing"),
+    (set_key(UNET, "in_channels", 0), "unet/config.json: in_channels=0 is not valid; expected positive int"),
+    (set_key(UNET, "attention_head_dim", "4"), 'attention_head_dim="4" is not valid; expected positive int or list'),
+    (set_key(UNET, "flip_sin_to_cos", "yes"), 'flip_sin_to_cos="yes" is not valid; expected true or false'),
+    (set_key(UNET, "norm_num_groups", 5), "unet/config.json: unet config: norm_num_groups=5 is not supported"),
+    (set_key(VAE, "block_out_channels", MISSING), "vae/config.json: the key 'block_out_channels' is missing"),
+    (set_key(VAE, "latent_channels", 0), "vae/config.json: latent_channels=0 is not valid"),
+    (set_key(VAE, "scaling_factor", -1), "vae/config.json: scaling_factor=-1 is not valid; expected positive number"),
+    (set_key(TEXT, "hidden_size", "abc"), 'text_encoder/config.json: hidden_size="abc" is not valid'),
+    (set_key(TEXT, "num_attention_heads", 0), "text_encoder/config.json: num_attention_heads=0 is not valid"),
+    (set_key(TEXT, "vocab_size", 542.5), "vocab_size=542.5 is not valid; expected positive int"),
+    # scheduler values diffusers would take and then fail or index out of range with
+    (set_key(SCHEDULER, "num_train_timesteps", 0), "num_train_timesteps=0 is not supported; supported: an int >= 1"),
+    (set_key(SCHEDULER, "num_train_timesteps", "abc"), "num_train_timesteps='abc' is not supported"),
+    (set_key(SCHEDULER, "beta_start", 0.5), "beta_end=0.012 is not supported; supported: a number in [beta_start=0.5"),
+    (set_key(SCHEDULER, "beta_start", -0.1), "beta_start=-0.1 is not supported; supported: a number in (0, 1)"),
+    (set_key(SCHEDULER, "beta_schedule", "cosine"), "beta_schedule='cosine' is not supported"),
+    (set_key(SCHEDULER, "prediction_type", "x0"), "prediction_type='x0' is not supported"),
+    (set_key(SCHEDULER, "steps_offset", -1), "steps_offset=-1 is not supported; supported: an int in 0..999"),
+    (set_key(SCHEDULER, "timestep_spacing", "karras"), "timestep_spacing='karras' is not supported"),
+    # weights and tokenizer files that are not what they claim
+    (write(COMPONENT_FILES["unet"], b"garbage" * 10), "unet/diffusion_pytorch_model.safetensors: not a readable"),
+    (write(COMPONENT_FILES["vae"], b""), "vae/diffusion_pytorch_model.safetensors: not a readable safetensors file"),
+    (truncate(COMPONENT_FILES["text_encoder"]), "text_encoder/model.safetensors: not a readable safetensors file"),
+    (empty_tokenizer, "tokenizer: no tokenizer.json or vocab.json"),
+    (write("tokenizer/tokenizer.json", "garbage"), "tokenizer: not a readable CLIP tokenizer"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_FOLDERS)
+def test_bad_checkpoints_raise_one_clear_line(sd1_folder, tmp_path, capsys, edit, message):
+    folder = broken_copy(sd1_folder, tmp_path, edit)
     with pytest.raises(UserError) as err:
-        esd_jax.load_pipeline(broken_copy(folder, tmp_path, edit))
+        esd_jax.load_pipeline(folder)
     assert message in str(err.value) and "\n" not in str(err.value)
+    assert main(["esd-jax", "info", "--model", str(folder)]) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and message in out.err and out.err.count("\n") == 1 and not out.out
+
+
+def test_a_config_the_checks_miss_still_names_its_file(sd1_folder, monkeypatch):
+    """Past the checks, a failure while building a network from its config is the file's fault, and says so."""
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(esd_jax.pipeline.vae.AutoencoderKL, "__init__", broken)
+    with pytest.raises(UserError, match=r"vae/config\.json: cannot build the vae from this config \(ZeroDivisionError"):
+        esd_jax.load_pipeline(sd1_folder)
 
 
 def test_bad_model_names_and_dtypes():

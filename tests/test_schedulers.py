@@ -1,5 +1,7 @@
 """DDIM and DPM-Solver++ timesteps and steps against diffusers' schedulers on the same inputs."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,6 +59,57 @@ def test_unsupported_settings_name_the_key():
         NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
     with pytest.raises(UserError, match="sampling steps must be in 1..1000, got 0"):
         NoiseSchedule.from_config(SD14).timesteps(0)
+
+
+@pytest.mark.parametrize("schedule", [NoiseSchedule, DPMSolverSchedule])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_train_timesteps": 0}, "num_train_timesteps=0 is not supported; supported: an int >= 1"),
+        ({"num_train_timesteps": -5}, "num_train_timesteps=-5 is not supported"),
+        ({"num_train_timesteps": "abc"}, "num_train_timesteps='abc' is not supported"),
+        ({"num_train_timesteps": True}, "num_train_timesteps=True is not supported"),
+        ({"beta_start": 0.02}, "beta_end=0.012 is not supported; supported: a number in [beta_start=0.02, 1)"),
+        ({"beta_start": -0.1}, "beta_start=-0.1 is not supported; supported: a number in (0, 1)"),
+        ({"beta_end": 1.0}, "beta_end=1.0 is not supported"),
+        ({"beta_start": "0.1"}, "beta_start='0.1' is not supported"),
+        ({"trained_betas": [0.1, 0.2]}, "trained_betas=[0.1, 0.2] is not supported; supported: null, or 1000 numbers"),
+        ({"beta_schedule": "cosine"}, "beta_schedule='cosine' is not supported; supported: 'linear', 'scaled_linear'"),
+        ({"prediction_type": "sample"}, "prediction_type='sample' is not supported; supported: 'epsilon'"),
+        ({"steps_offset": -1}, "steps_offset=-1 is not supported; supported: an int in 0..999"),
+        ({"steps_offset": 1.5}, "steps_offset=1.5 is not supported"),
+        ({"timestep_spacing": "karras"}, "timestep_spacing='karras' is not supported; supported: 'leading'"),
+        ({"thresholding": True}, "thresholding=True is not supported; supported: False"),
+    ],
+)
+def test_nonsense_configs_name_the_key_and_the_accepted_values(schedule, overrides, message):
+    with pytest.raises(UserError) as err:
+        schedule.from_config(SD14 | overrides)
+    assert str(err.value).startswith(f"scheduler config: {message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "schedule, overrides, message",
+    [
+        (NoiseSchedule, {"clip_sample": "yes"}, "clip_sample='yes' is not supported; supported: True, False"),
+        (NoiseSchedule, {"clip_sample_range": 0}, "clip_sample_range=0 is not supported"),
+        (DPMSolverSchedule, {"solver_order": True}, "solver_order=True is not supported; supported: 1, 2"),
+        (DPMSolverSchedule, {"lower_order_final": 1}, "lower_order_final=1 is not supported; supported: True, False"),
+        (DPMSolverSchedule, {"lambda_min_clipped": "x"}, "lambda_min_clipped='x' is not supported"),
+    ],
+)
+def test_each_samplers_own_keys_are_checked(schedule, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        schedule.from_config(SD14 | overrides)
+
+
+def test_steps_offset_past_the_last_timestep_is_refused():
+    """diffusers indexes alpha-bar out of range here (SD's steps_offset=1 with 1000 DDIM steps reach t=1000)."""
+    assert NoiseSchedule.from_config(SD14).timesteps(500)[0] == 999
+    with pytest.raises(UserError, match=r"1000 steps with the scheduler config's steps_offset=1 reach timestep 1000"):
+        NoiseSchedule.from_config(SD14).timesteps(1000)
+    with pytest.raises(UserError, match="steps_offset=1 reach timestep 1000"):
+        DPMSolverSchedule.from_config(SD14 | {"timestep_spacing": "leading"}).timesteps(999)
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def test_failed_write_keeps_the_earlier_file(converted, tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"earlier")
 
-    def crash(tensors, tmp):
+    def crash(tensors, tmp, metadata=None):
         tmp.write_bytes(b"partial")
         raise OSError("disk full")
 

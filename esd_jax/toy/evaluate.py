@@ -113,6 +113,22 @@ def check_vocabulary(pipe: StableDiffusion, prompts: list[Prompt]) -> None:
             )
 
 
+def check_images(pipe: StableDiffusion) -> None:
+    """The oracle reads the world's images: RGB, world.SIZE pixels a side, the size evaluate samples at."""
+    size, channels = pipe.native_resolution, pipe.vae.config.out_channels
+    if (size, channels) != (world.SIZE, 3):
+        raise UserError(
+            f"evaluate judges only the toy world's {world.SIZE} px RGB (3-channel) images, and this model makes "
+            f"{size} px {channels}-channel images: pass --model toy (or a model trained on the toy world)"
+        )
+
+
+def check_model(pipe: StableDiffusion, prompts: list[Prompt]) -> None:
+    """Everything evaluate needs of a model, checked before anything is sampled."""
+    check_images(pipe)
+    check_vocabulary(pipe, prompts)
+
+
 def generate(sampler: Sampler, prompts: list[Prompt], settings: Settings) -> np.ndarray:
     """Images [len(prompts), num_per_prompt, H, W, 3] uint8, prompt by prompt."""
     items = make_items([p.text for p in prompts], settings.seed, settings.num_per_prompt)
@@ -155,7 +171,7 @@ def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict
 
 
 def quality(pipe: StableDiffusion, settings: Settings) -> dict[str, Any]:
-    """Issue 5's quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
+    """The quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
     prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
     prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
@@ -206,7 +222,7 @@ def evaluate(
     """Samples every prompt of `concept`'s groups with the base pipeline and, if given, with the erased UNet
     (an nnx module of the same architecture); writes the picture to `grid`; returns the report (`report`)."""
     prompts = prompts_for(concept)
-    check_vocabulary(pipe, prompts)
+    check_model(pipe, prompts)
     sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
     base = generate(sampler, prompts, settings)
     erased = None
@@ -305,6 +321,7 @@ def run(
     model = model or (run_config.model if run_config is not None else "toy")
     grid = grid or (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
     pipe = load_pipeline(model)
+    check_model(pipe, prompts_for(parsed))  # before the erased model loads or anything is sampled
     erased = None
     if workdir is not None or esd is not None:
         erased = load_pipeline(model)
