@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run's TrainState, in `<workdir>/checkpoints/<step>`."""
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -49,6 +50,8 @@ def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | No
     steps = manager.all_steps()
     if step is None:
         step = manager.latest_step()
+    if not steps:
+        raise UserError(f"{manager.directory}: no checkpoint saved yet; let the erase run reach one first")
     if step not in steps:
         raise UserError(
             f"{manager.directory}: no checkpoint for step {step}; saved steps: "
@@ -68,9 +71,12 @@ def quiet_stderr():
     os.dup2(devnull, 2)
     level = logging.getLogger("asyncio").level
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
     try:
         yield
     finally:
+        gc.collect()  # the failed reads' orphaned coroutines are finalised now, while quiet
+        sys.unraisablehook = hook
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)

@@ -101,7 +101,12 @@ def sample(argv: list[str]) -> None:
         "A CSV with columns prompt, evaluation_seed, case_number (images: OUT/<case>_<i>.png).",
         flag_values=fv,
     )
-    flags.DEFINE_string("out", None, "Output folder; images already there are not made again.", flag_values=fv)
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output folder; images already there are kept if made from the same inputs (OUT/sample.json records them).",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("steps", None, "Denoising steps (default: 50; the toy model's 25).", flag_values=fv)
     flags.DEFINE_float(
         "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 4).", flag_values=fv

@@ -138,7 +138,17 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
     manager = checkpoints.open_manager(workdir, read_only=True)
     try:
         step = manager.latest_step() if step is None else step
-        state = checkpoints.restore(manager, initial_state(trainable, optax.adam(cfg.learning_rate), cfg.seed), step)
+        template = initial_state(trainable, optax.adam(cfg.learning_rate), cfg.seed)
+        try:
+            with checkpoints.quiet_stderr():
+                state = checkpoints.restore(manager, template, step)
+        except UserError:
+            raise
+        except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged file
+            raise UserError(
+                f"{workdir}: checkpoint step {step} does not read back ({type(e).__name__}); rerunning the "
+                "erase command sets it aside and redoes it, or pass --step with an earlier one"
+            ) from None
     finally:
         manager.close()
     nnx.update(pipe.unet, state.trainable)

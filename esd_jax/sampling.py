@@ -26,11 +26,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import parallel, toy
+from esd_jax import checkpoints, parallel, toy
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.parallel import AXIS
 from esd_jax.pipeline import StableDiffusion
+from esd_jax.sample_record import FOLDER_KEYS, FolderRecord, sha256, weights_fingerprint
 from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
 
 SCHEDULERS = ("ddim", "dpm++")
@@ -400,45 +401,35 @@ def integer(value: str | None, path: Path, line: int, column: str) -> int:
     raise UserError(f"{path} line {line}: {column} {text!r} is not an integer")
 
 
-# The settings an image depends on; a folder's images are never mixed from two sets of them.
-FOLDER_KEYS = ("model", "workdir", "esd", "prompt", "prompts", "steps", "guidance", "scheduler", "resolution", "dtype")
-
-
-def check_folder(out: Path, settings: dict) -> None:
-    """Records `settings` in `out/sample.json`, refusing a folder whose images were made with others."""
-    path = out / "sample.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        for key in FOLDER_KEYS:
-            if old.get(key) != settings.get(key):
-                raise UserError(
-                    f"{out} holds images sampled with {key}={old.get(key)!r}, not {settings.get(key)!r}; "
-                    "use another --out (or empty that one) to sample with new settings"
-                )
-    elif parallel.is_main_process():
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps({k: settings.get(k) for k in FOLDER_KEYS}, indent=2) + "\n")
-
-
-def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], *, desc: str) -> int:
-    """Samples the jobs whose image file does not exist yet and writes them (this host's share);
-    returns how many images all hosts made."""
+def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: FolderRecord, *, desc: str) -> int:
+    """Samples the jobs whose image file is missing, or not on record as made from the job's item, and
+    writes them (this host's share) and their records; returns how many images all hosts made."""
     from PIL import Image
     from tqdm.auto import tqdm
 
-    missing = np.asarray([not path.exists() for _, path in jobs])
-    if jax.process_count() > 1:  # hosts agree on the work (any host lacking an image makes it) before writing
+    main = parallel.is_main_process()
+    status = [record.status(path, dataclasses.asdict(item)) for item, path in jobs]
+    redo = np.asarray([s != "kept" for s in status])
+    if main and redo.any():
+        for kind, why in (
+            ("changed", "made from another prompt or seed"),
+            ("unrecorded", f"that {record.path} has no record of (made by an older esd-jax, or copied in)"),
+        ):
+            if kind in status:
+                n = status.count(kind)
+                print(f"{record.folder}: remaking {n} {'image' if n == 1 else 'images'} {why}")
+        # Forget the images about to be remade before any is replaced: a kill midway must not leave a
+        # new image under an old record, which a rerun with the old prompt would trust.
+        stale = {path.name for (_, path), r in zip(jobs, redo, strict=True) if r}
+        record.images = {name: r for name, r in record.images.items() if name not in stale}
+        record.save()
+    if jax.process_count() > 1:  # hosts agree on the work (any host's) before any writes an image
         from jax.experimental import multihost_utils
 
-        missing = np.asarray(multihost_utils.process_allgather(missing)).reshape(-1, len(jobs)).any(axis=0)
-    todo = [job for job, m in zip(jobs, missing, strict=True) if m]
+        redo = np.asarray(multihost_utils.process_allgather(redo)).reshape(-1, len(jobs)).any(axis=0)
+    todo = [job for job, r in zip(jobs, redo, strict=True) if r]
     bar = tqdm(
-        total=len(jobs),
-        initial=len(jobs) - len(todo),
-        desc=desc,
-        unit="img",
-        disable=not parallel.is_main_process(),
-        dynamic_ncols=True,
+        total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="img", disable=not main, dynamic_ncols=True
     )
     with bar:
         done = 0
@@ -449,6 +440,11 @@ def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], *, desc: str) 
             # Every host holds an equal share of each batch's rows, so the global count advances by
             # the batch's real rows; counting this host's rows times the process count would overshoot.
             count = min(sampler.batch_size, len(todo) - done)
+            if jax.process_count() > 1:  # the record names an image only once its host has written it
+                multihost_utils.sync_global_devices(f"esd-jax sample: {record.folder} batch {done}")
+            if main:
+                record.images.update((path.name, dataclasses.asdict(item)) for item, path in todo[done : done + count])
+                record.save()
             done += count
             bar.update(count)
     return len(todo)
@@ -500,6 +496,12 @@ def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) 
     return path
 
 
+def model_name(model: str) -> str:
+    """The model as recorded: a local folder's absolute path however it was spelled, else the name."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != toy.EMBEDDED_NAME and path.exists() else model
+
+
 def sample_to_folder(
     *,
     model: str | None,
@@ -521,10 +523,11 @@ def sample_to_folder(
     """What `esd-jax sample` does: images `{case_number}_{i}.png` in `out` for a prompt or a prompt CSV,
     from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
     `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
-    Images already in `out` are kept, so a rerun continues an interrupted one. Returns how many it made.
+    An image already there is kept if its folder's sample.json records it as made from the same inputs,
+    so a rerun continues an interrupted one; any other is made (again). Returns how many it made.
     `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
     """
-    from esd_jax.pipeline import load_pipeline
+    from esd_jax.pipeline import load_pipeline, locate
     from esd_jax.run import apply_delta, apply_run, read_config
 
     if (prompt is None) == (prompts is None):
@@ -540,32 +543,57 @@ def sample_to_folder(
     if prompt is not None and not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
     rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
-    if model is None:
-        model = read_config(workdir).model if workdir is not None else "toy"
+    record = FolderRecord(out)
+    base_record = FolderRecord(out / "base") if compare else None
+    if workdir is not None:
+        run_model = read_config(workdir).model
+        if model is not None and model_name(model) != model_name(run_model):
+            raise UserError(
+                f"--model {model} is not the model of run {workdir} ({run_model}), whose weights belong to "
+                "that model; leave --model out"
+            )
+        model = run_model
+    model = "toy" if model is None else model
     defaults = toy.SAMPLING if model == toy.EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance"] if guidance is None else guidance
 
     parallel.initialize_distributed()
-    check_folder(
-        out,
-        dict(
-            model=model,
-            workdir=workdir and str(workdir.absolute()),
-            esd=esd and str(esd.absolute()),
-            prompt=prompt,
-            prompts=prompts and str(prompts.absolute()),
-            steps=steps,
-            guidance=guidance,
-            scheduler=scheduler,
-            resolution=resolution,
-            dtype=dtype,
-        ),
+    model_folder = locate(model)
+    base_settings = dict(
+        model=model_name(model),
+        workdir=None,
+        esd=None,
+        model_weights=weights_fingerprint(model_folder),
+        esd_sha256=None,
+        steps=steps,
+        guidance=float(guidance),
+        scheduler=scheduler,
+        resolution=resolution,
+        dtype=dtype,
+        checkpoint_step=None,
     )
-    pipe = load_pipeline(model, dtype=dtype)
+    settings = dict(
+        base_settings,
+        workdir=workdir and str(workdir.resolve()),
+        esd=esd and str(esd.resolve()),
+        esd_sha256=esd and sha256(esd),
+        checkpoint_step=workdir and checkpoints.latest_step(workdir),
+    )
+    record.check(settings, FOLDER_KEYS)
+    if base_record is not None:
+        base_record.check(base_settings, FOLDER_KEYS)
+        base_record.settings = base_settings
+    pipe = load_pipeline(model_folder, dtype=dtype)
+    # The sampler keeps the base weights it placed: loading others into `pipe` replaces arrays, not them.
     sampler = Sampler(
         pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=batch_size
     )
+    if workdir is not None:
+        apply_run(pipe, workdir, step=settings["checkpoint_step"])
+    elif esd is not None:
+        apply_delta(pipe, esd)
+    record.settings = settings
 
     def jobs(folder: Path) -> list[tuple[Item, Path]]:
         return [
@@ -575,12 +603,11 @@ def sample_to_folder(
         ]
 
     made = 0
-    if compare:
-        made += write_images(sampler, jobs(out / "base"), desc="base model")
+    if base_record is not None:
+        made += write_images(sampler, jobs(out / "base"), base_record, desc="base model")
     if workdir is not None or esd is not None:
-        apply_run(pipe, workdir) if workdir is not None else apply_delta(pipe, esd)
         sampler.set_unet(pipe.unet)
-    made += write_images(sampler, jobs(out), desc="erased model" if workdir or esd else "sampling")
+    made += write_images(sampler, jobs(out), record, desc="erased model" if workdir or esd else "sampling")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

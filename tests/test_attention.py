@@ -56,3 +56,15 @@ def test_long_heads_in_query_blocks_equal_xla_with_the_same_gradients(causal, lk
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [40, 160])  # XLA's path, and the per-head one (160^2 > CPU_PER_HEAD_SCORES)
+def test_float16_runs_on_cpus_as_float32_rounded(length):
+    """XLA's CPU dot has no float16 kernel with float32 accumulation; attention upcasts there."""
+    assert (length**2 > CPU_PER_HEAD_SCORES) == (length == 160)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, length, 2, 8)), jnp.float16) for _ in range(3))
+    got = jax.jit(attention)(q, k, v)
+    want = attention(*(t.astype(jnp.float32) for t in (q, k, v)))
+    assert got.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-3)

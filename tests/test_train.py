@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 import esd_jax
 from esd_jax import run, weights
+from esd_jax.cli import main
 from esd_jax.config import EraseConfig, default_config
 from esd_jax.errors import UserError
 from esd_jax.export import delta_filename, export_run
@@ -199,6 +200,8 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     erase(config(**values))
     data = max((tmp_path / "checkpoints" / "4").rglob("d/*"), key=lambda p: p.stat().st_size)
     data.write_bytes(data.read_bytes()[:100])  # a write cut short
+    with pytest.raises(UserError, match="checkpoint step 4 does not read back .*; rerunning the erase command"):
+        export_run(tmp_path, tmp_path / "exported")
     resumed = load_file(erase(config(**values)))
     out = capsys.readouterr()
     assert "checkpoint step 4 is damaged: it does not read back" in out.out
@@ -282,10 +285,10 @@ def test_bad_resolution_and_foreign_workdir_are_refused(sd1_folder, reference_ru
     with pytest.raises(UserError, match=r"config.resolution=18: this model takes multiples of 4 pixels \(native: 16\)"):
         erase(config(**settings(sd1_folder, tmp_path, resolution=18)))
     workdir, _ = reference_run
-    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.name != ".lock"}
     with pytest.raises(UserError, match="holds a run with concept='red circle|van gogh', not 'green'"):
         erase(config(**settings(sd1_folder, workdir, concept="green")))
-    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.name != ".lock"} == before
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
@@ -305,3 +308,20 @@ def test_help_lists_every_config_key():
     out, _ = esd_jax_cli(["erase", "--help"]).communicate(timeout=120)
     for key in ml_collections.ConfigDict(default_config()).keys():
         assert f"--config.{key}=" in out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"\x00\x01binary", "SyntaxError: source code string cannot contain null bytes"),
+        (b"import no_such_module_here\n", "ModuleNotFoundError: No module named 'no_such_module_here'"),
+        (b"x = 1\n", "AttributeError: module 'esd_jax_user_config' has no attribute 'get_config'"),
+        (b"def get_config():\n    return 5\n", "get_config() returned a int, not a ConfigDict"),
+    ],
+)
+def test_config_files_that_do_not_load_get_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "config.py"
+    path.write_bytes(text)
+    assert main(["esd-jax", "erase", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

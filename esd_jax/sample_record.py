@@ -1,0 +1,153 @@
+"""`sample.json` in every folder of images `esd-jax sample` writes: what made each image.
+
+A resumed job keeps an image only if its record says it was made from the inputs it would be made
+from now: the folder's settings (model and its weight files, erased weights, steps, guidance,
+scheduler, resolution, dtype), which all its images share, and the image's own (prompt, seed, index).
+"""
+
+import datetime
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+
+RECORD = "sample.json"
+# The settings all images of a folder share, in the order a refusal names them. `model_weights` is the
+# (path, size, mtime_ns) of each weight file, so weights replaced in place show without hashing gigabytes.
+FOLDER_KEYS = (
+    "model",
+    "workdir",
+    "esd",
+    "model_weights",
+    "esd_sha256",
+    "steps",
+    "guidance",
+    "scheduler",
+    "resolution",
+    "dtype",
+    "checkpoint_step",
+)
+IMAGE_KEYS = ("prompt", "seed", "index")  # per image file: what made it (esd_jax.sampling.Item)
+
+
+def weights_fingerprint(folder: Path) -> list[list]:
+    """[relative path, size, mtime_ns] of every weight file under a model folder (not hidden temporaries)."""
+    files = sorted(
+        p
+        for pattern in ("*.safetensors", "*.bin")
+        for p in folder.rglob(pattern)
+        if p.is_file() and not p.name.startswith(".")
+    )
+    return [[p.relative_to(folder).as_posix(), s.st_size, s.st_mtime_ns] for p in files for s in [p.stat()]]
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def shape_problem(data) -> str | None:
+    """What is wrong with the shape of a sample.json's contents, if anything."""
+    if not isinstance(data, dict) or data.keys() != {"settings", "images"}:
+        return "not a JSON object with the keys settings and images"
+    settings, images = data["settings"], data["images"]
+    if not isinstance(settings, dict) or settings.keys() != set(FOLDER_KEYS):
+        return f"settings are not an object with the keys {', '.join(FOLDER_KEYS)}"
+    entries = settings["model_weights"]
+    if not isinstance(entries, list) or not all(
+        isinstance(e, list)
+        and len(e) == 3
+        and isinstance(e[0], str)
+        and all(type(v) is int and 0 <= v < 2**63 for v in e[1:])
+        for e in entries
+    ):
+        return "model_weights is not a list of [path, size, mtime_ns]"
+    if not isinstance(images, dict) or not all(
+        isinstance(r, dict) and r.keys() == set(IMAGE_KEYS) for r in images.values()
+    ):
+        return f"images is not an object of {{{', '.join(IMAGE_KEYS)}}} records"
+    return None
+
+
+def weights_of(settings: dict) -> str:
+    if settings["workdir"] is not None:
+        step = settings["checkpoint_step"]
+        return f"run {settings['workdir']}" + ("" if step is None else f" at step {step}")
+    if settings["esd"] is not None:
+        return f"model {settings['model']} with the delta {settings['esd']}"
+    return f"the base model {settings['model']}"
+
+
+def file_state(entry: tuple[int, int] | None) -> str:
+    if entry is None:
+        return "absent"
+    size, mtime_ns = entry
+    return f"{size} bytes modified {datetime.datetime.fromtimestamp(mtime_ns / 1e9).isoformat()}"
+
+
+def difference(key: str, old: dict, new: dict) -> str:
+    """How images made with the settings `old` differ from those `new` would make, in words."""
+    if key in ("model", "workdir", "esd"):
+        return f"of {weights_of(old)}, not of {weights_of(new)}"
+    if key == "model_weights":
+        was, now = ({path: (size, mtime) for path, size, mtime in s[key]} for s in (old, new))
+        path = next(p for p in sorted(was.keys() | now.keys()) if was.get(p) != now.get(p))
+        was, now = file_state(was.get(path)), file_state(now.get(path))
+        return f"of other weights of {new['model']}: {path} was {was}, now {now}"
+    if key == "esd_sha256":
+        return f"of {new['esd']} as it was (sha256 {str(old[key])[:12]}), not as it is (sha256 {new[key][:12]})"
+    if key == "checkpoint_step":
+        return f"of run {new['workdir']} at step {old[key]}, not step {new[key]}"
+    return f"sampled with {key}={old[key]!r}, not {new[key]!r}"
+
+
+class FolderRecord:
+    """A folder's sample.json: the settings its images share, and the (prompt, seed, index) of each image.
+
+    Records whose image file is gone are dropped on reading; the file is rewritten whole (atomically)
+    before sampling, without the records of the images about to be remade, and after every batch.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder, self.path = folder, folder / RECORD
+        self.settings: dict | None = None
+        self.images: dict[str, dict] = {}
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder}: a file, not a folder for images; pass another --out")
+        if not self.path.exists():
+            return
+        way_out = "delete it, and the images there will be remade"
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{self.path} is damaged (not JSON: {e}); {way_out}") from None
+        problem = shape_problem(data)
+        if problem:
+            raise UserError(f"{self.path} is damaged or from an older esd-jax ({problem}); {way_out}")
+        self.settings = data["settings"]
+        self.images = {name: r for name, r in data["images"].items() if (folder / name).is_file()}
+
+    def check(self, settings: dict, keys: Sequence[str]) -> None:
+        """Refuses `settings` if they differ in `keys` from those of the images on record."""
+        for key in keys if self.images else ():
+            if self.settings[key] != settings[key]:
+                raise UserError(
+                    f"{self.folder} holds images {difference(key, self.settings, settings)}; "
+                    "use another --out, or empty that one"
+                )
+
+    def status(self, path: Path, made_from: dict) -> str:
+        """Whether the image `path` is on record as made from `made_from` ("kept"), or else why it is
+        to be made: "missing", "unrecorded" or "changed"."""
+        if not path.exists():
+            return "missing"
+        if path.name not in self.images:
+            return "unrecorded"
+        return "kept" if self.images[path.name] == made_from else "changed"
+
+    def save(self) -> None:
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps({"settings": self.settings, "images": self.images}, indent=1) + "\n")
