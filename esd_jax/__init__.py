@@ -1,7 +1,7 @@
 """esd-jax: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023) in JAX."""
 
 __all__ = ["StableDiffusion", "load_pipeline", "sample"]
-_MODULES = {"StableDiffusion": "pipeline", "load_pipeline": "pipeline", "sample": "sampling"}
+_MODULES = {"StableDiffusion": "pipeline", "load_pipeline": "pipeline", "sample": "sampling.sampler"}
 
 
 def __getattr__(name: str):

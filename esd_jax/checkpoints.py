@@ -117,6 +117,14 @@ def restore_latest(workdir: Path, template: TrainState, *, main: bool = True) ->
     return template
 
 
+def restore_trained(manager: ocp.CheckpointManager, trainable, step: int):
+    """Only the trained weights of the checkpoint at `step`, shaped as `trainable` (the optimizer state
+    stays on disk: reading a run back needs no optimizer)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True))
+    return restored["trainable"]
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, *, force: bool = False) -> None:
     """Saves asynchronously when the interval (or `force`) says so; the step comes from the state."""
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)

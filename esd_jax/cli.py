@@ -126,7 +126,7 @@ def sample(argv: list[str]) -> None:
     parse(fv, argv)
     if fv.out is None:
         raise UserError(f"give --out FOLDER for the images: {argv[0]} --prompt TEXT --out FOLDER")
-    from esd_jax.sampling import sample_to_folder
+    from esd_jax.sampling.folder import sample_to_folder
 
     def path(value: str | None) -> Path | None:
         return None if value is None else Path(value)

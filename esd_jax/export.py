@@ -1,46 +1,12 @@
 """Erased weights back to PyTorch: the official ESD delta file, a diffusers folder, a single file."""
 
-import hashlib
 import json
-import re
 from pathlib import Path
 
-import numpy as np
-
-from esd_jax import weights
 from esd_jax.errors import UserError
-from esd_jax.files import atomic_file
 from esd_jax.run import apply_run, read_config
 
 EXPORT_FORMATS = ("diffusers", "single-file")
-
-
-# File systems allow 255 bytes a name; the atomic write's temporary adds about 30 to this.
-MAX_DELTA_NAME = 200
-
-
-def delta_filename(concept: str, erase_from: str, method: str) -> str:
-    """The official esd_sd.py's name: esd-<concept>-from-<erase_from or concept>-<method without '-'>.
-
-    A name too long for a file system (a dozen concepts) keeps its start and ends in a hash of the prompts.
-    """
-
-    def clean(text: str) -> str:
-        return re.sub(r"[^\w.-]+", "_", text.strip().replace(" ", "_"))
-
-    name = f"esd-{clean(concept)}-from-{clean(erase_from or concept)}-{method.replace('-', '')}.safetensors"
-    if len(name.encode()) <= MAX_DELTA_NAME:
-        return name
-    digest = hashlib.sha256(f"{concept}\0{erase_from}".encode()).hexdigest()[:12]
-    tail = f"-{digest}-{method.replace('-', '')}.safetensors"
-    head = name.encode()[: MAX_DELTA_NAME - len(tail)].decode(errors="ignore")
-    return head + tail
-
-
-def write_delta(tensors: dict[str, np.ndarray], path: Path) -> None:
-    """Writes diffusers-keyed tensors for `unet.load_state_dict(load_file(path), strict=False)`, atomically."""
-    with atomic_file(path) as tmp:
-        weights.write_safetensors(tensors, tmp)
 
 
 STAMP = "esd_jax_export.json"  # in an exported folder: what made it, and leave to replace it

@@ -6,12 +6,15 @@ method picks among them by the layer's path, which is its diffusers key. The off
 CompVis paths (`out.` -> conv_norm_out/conv_out, `time_embed` -> time_embedding).
 """
 
-from collections.abc import Callable
+from __future__ import annotations
 
-from flax import nnx
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from esd_jax.errors import UserError
-from esd_jax.models.layers import Conv2d, Linear
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 COMPVIS_OUTPUT = ("conv_norm_out", "conv_out", "time_embedding")
 
@@ -43,6 +46,11 @@ def _path_key(path: tuple) -> str:
 
 def trainable_keys(unet: nnx.Module, method: str) -> frozenset[str]:
     """The state-dict keys of the parameters `method` trains."""
+    # Imported here so that esd_jax.config, which checks method names, loads without Flax.
+    from flax import nnx
+
+    from esd_jax.models.layers import Conv2d, Linear
+
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     rule = METHODS[method][0]

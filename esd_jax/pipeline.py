@@ -40,6 +40,10 @@ HUB_PATTERNS = [
     *(f"{c}/{p}" for c in WEIGHT_FILES for p in ("config.json", WEIGHT_FILES[c])),
 ]
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# The model that ships inside esd-jax (a diffusers folder trained by esd_jax.toy.train): what the model
+# name "toy" means everywhere.
+EMBEDDED_NAME = "toy"
+EMBEDDED = Path(__file__).parent / "toy" / "pipeline"
 # Keys read straight from a config.json (the native image size, the latent shape) rather than through the
 # config classes' defaults, so a file must have them.
 REQUIRED_KEYS = {"unet": ("sample_size", "in_channels", "down_block_types"), "vae": ("block_out_channels",)}
@@ -187,12 +191,10 @@ def check_config(name: str, config: dict[str, Any], config_cls: type, path: Path
 def locate(model: str | os.PathLike) -> Path:
     """A local folder for `model`: the embedded toy pipeline ("toy"), the folder itself, or the hub
     snapshot from huggingface_hub's cache. (A local folder named toy is "./toy".)"""
-    from esd_jax import toy
-
-    if str(model) == toy.EMBEDDED_NAME:
-        if not (toy.EMBEDDED / "model_index.json").is_file():
-            raise UserError(f"the embedded toy model is missing from {toy.EMBEDDED}; reinstall esd-jax")
-        return toy.EMBEDDED
+    if str(model) == EMBEDDED_NAME:
+        if not (EMBEDDED / "model_index.json").is_file():
+            raise UserError(f"the embedded toy model is missing from {EMBEDDED}; reinstall esd-jax")
+        return EMBEDDED
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

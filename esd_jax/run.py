@@ -8,12 +8,16 @@
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from esd_jax import weights
 from esd_jax.errors import UserError
@@ -103,6 +107,34 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+# File systems allow 255 bytes a name; the atomic write's temporary adds about 30 to this.
+MAX_DELTA_NAME = 200
+
+
+def delta_filename(concept: str, erase_from: str, method: str) -> str:
+    """The official esd_sd.py's name: esd-<concept>-from-<erase_from or concept>-<method without '-'>.
+
+    A name too long for a file system (a dozen concepts) keeps its start and ends in a hash of the prompts.
+    """
+
+    def clean(text: str) -> str:
+        return re.sub(r"[^\w.-]+", "_", text.strip().replace(" ", "_"))
+
+    name = f"esd-{clean(concept)}-from-{clean(erase_from or concept)}-{method.replace('-', '')}.safetensors"
+    if len(name.encode()) <= MAX_DELTA_NAME:
+        return name
+    digest = hashlib.sha256(f"{concept}\0{erase_from}".encode()).hexdigest()[:12]
+    tail = f"-{digest}-{method.replace('-', '')}.safetensors"
+    head = name.encode()[: MAX_DELTA_NAME - len(tail)].decode(errors="ignore")
+    return head + tail
+
+
+def write_delta(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """Writes diffusers-keyed tensors for `unet.load_state_dict(load_file(path), strict=False)`, atomically."""
+    with atomic_file(path) as tmp:
+        weights.write_safetensors(tensors, tmp)
+
+
 def read_config(workdir: Path):
     """The EraseConfig of the run in `workdir`, or one clear line saying why there is none."""
     from esd_jax.config import EraseConfig
@@ -124,11 +156,9 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
 
     `pipe` None loads the run's model first. Returns (pipe, the run's EraseConfig, the step restored).
     """
-    import optax
     from flax import nnx
 
     from esd_jax import checkpoints
-    from esd_jax.esd import initial_state
     from esd_jax.partition import trainable_filter
     from esd_jax.pipeline import load_pipeline
 
@@ -137,13 +167,14 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
     _, trainable, _ = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
     manager = checkpoints.open_manager(workdir, read_only=True)
     try:
+        saved = manager.all_steps()
         step = manager.latest_step() if step is None else step
-        template = initial_state(trainable, optax.adam(cfg.learning_rate), cfg.seed)
+        if step not in saved:
+            listed = ", ".join(map(str, sorted(saved))) or "none yet"
+            raise UserError(f"{workdir}: no checkpoint for step {step}; saved steps: {listed}")
         try:
             with checkpoints.quiet_stderr():
-                state = checkpoints.restore(manager, template, step)
-        except UserError:
-            raise
+                trained = checkpoints.restore_trained(manager, trainable, step)
         except Exception as e:  # Orbax and TensorStore raise many kinds for a damaged file
             raise UserError(
                 f"{workdir}: checkpoint step {step} does not read back ({type(e).__name__}); rerunning the "
@@ -151,8 +182,27 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
             ) from None
     finally:
         manager.close()
-    nnx.update(pipe.unet, state.trainable)
-    return pipe, cfg, int(state.step)
+    nnx.update(pipe.unet, trained)
+    return pipe, cfg, step
+
+
+def check_erasure(workdir: Path | None, esd: Path | None) -> None:
+    """The erased weights a command was given, at most one of: a run (its checkpoint) or a delta file."""
+    if workdir is not None and esd is not None:
+        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
+    if esd is not None and not Path(esd).is_file():
+        raise UserError(f"--esd {esd}: no such file")
+    if workdir is not None:
+        read_config(workdir)
+
+
+def apply_erasure(pipe, workdir: Path | None, esd: Path | None, *, step: int | None = None) -> None:
+    """Loads the erased weights into `pipe.unet`: the run's checkpoint at `step` (default: the latest), or
+    the delta file."""
+    if workdir is not None:
+        apply_run(pipe, workdir, step=step)
+    else:
+        apply_delta(pipe, esd)
 
 
 def apply_delta(pipe, path: Path) -> None:

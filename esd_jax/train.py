@@ -20,11 +20,11 @@ from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import Objective, Prompts, initial_state, make_train_step
-from esd_jax.export import delta_filename, write_delta
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter, trainable_keys
 from esd_jax.pipeline import StableDiffusion, load_pipeline
+from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
 
 

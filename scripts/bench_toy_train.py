@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from esd_jax import toy
+from esd_jax import pipeline
 from esd_jax.pipeline import load_pipeline
 from esd_jax.toy import train, world
 from esd_jax.toy.model import Networks
@@ -32,7 +32,7 @@ def batches(steps: int, size: int, captions) -> list[dict[str, np.ndarray]]:
 
 
 def time_jax(data: list[dict], cfg: train.TrainToyConfig) -> float:
-    pipe = load_pipeline(toy.EMBEDDED_NAME)
+    pipe = load_pipeline(pipeline.EMBEDDED_NAME)
     net = Networks(pipe)
     graphdef, trainable, frozen = nnx.split(net, lambda path, x: path[0] in train.TRAINS["unet"], ...)
     stage = train.unet_stage(cfg, train.Captions(pipe), pipe.vae.scaling_factor)
@@ -53,7 +53,7 @@ def time_torch(data: list[dict], cfg: train.TrainToyConfig) -> float:
     from diffusers.training_utils import compute_snr
 
     torch.manual_seed(cfg.seed)
-    pipe = StableDiffusionPipeline.from_pretrained(toy.EMBEDDED, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline.EMBEDDED, safety_checker=None)
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     vae.requires_grad_(False)
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per framework")
     args = parser.parse_args()
     cfg = train.TrainToyConfig()
-    data = batches(args.steps, cfg.batch, train.Captions(load_pipeline(toy.EMBEDDED_NAME)))
+    data = batches(args.steps, cfg.batch, train.Captions(load_pipeline(pipeline.EMBEDDED_NAME)))
     jax_s = time_jax(data, cfg)
     torch_s = time_torch(data, cfg)
     print(f"toy UNet training step, batch {cfg.batch}, {args.steps} steps each")

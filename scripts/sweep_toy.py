@@ -24,7 +24,7 @@ from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.pipeline import load_pipeline
 from esd_jax.run import apply_delta
-from esd_jax.sampling import Sampler
+from esd_jax.sampling.sampler import Sampler
 from esd_jax.toy import evaluate as ev
 from esd_jax.train import erase
 

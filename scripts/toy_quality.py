@@ -10,7 +10,7 @@ shape >= 0.8 at 64 images per prompt.
 import argparse
 import sys
 
-from esd_jax import toy
+from esd_jax import pipeline
 from esd_jax.errors import UserError
 from esd_jax.pipeline import load_pipeline
 from esd_jax.toy import evaluate as ev
@@ -19,7 +19,7 @@ from esd_jax.toy import world
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=toy.EMBEDDED_NAME)
+    parser.add_argument("--model", default=pipeline.EMBEDDED_NAME)
     parser.add_argument("--guidance", default="2,3", help="comma-separated guidance scales")
     parser.add_argument("--num-per-prompt", type=int, default=64)
     args = parser.parse_args()

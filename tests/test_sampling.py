@@ -21,11 +21,13 @@ from esd_jax import weights
 from esd_jax.cli import main
 from esd_jax.config import EraseConfig, default_config
 from esd_jax.errors import UserError
-from esd_jax.export import write_delta
 from esd_jax.partition import trainable_keys
-from esd_jax.run import apply_delta
-from esd_jax.sample_record import FOLDER_KEYS
-from esd_jax.sampling import generate, initial_noise, read_prompts_csv, sample_to_folder
+from esd_jax.run import apply_delta, write_delta
+from esd_jax.sampling import folder
+from esd_jax.sampling.folder import sample_to_folder
+from esd_jax.sampling.prompts import read_prompts_csv
+from esd_jax.sampling.record import FOLDER_KEYS
+from esd_jax.sampling.sampler import generate, initial_noise, to_uint8
 from esd_jax.train import erase
 
 PROMPTS = ["red circle", "a photo of van gogh painting"]
@@ -95,11 +97,11 @@ def test_images_do_not_depend_on_devices_or_batch_size(sd1_pipe):
     # Other batch shapes run other kernels: the same up to float rounding, which can flip a pixel's
     # rounding to 8 bits. The tolerance docs/sampling.md states: one level, on at most 1% of the pixels.
     np.testing.assert_allclose(four[1], one[1], rtol=0, atol=1e-5 * np.abs(one[1]).max())
-    four_pixels, one_pixels = (esd_jax.sampling.to_uint8(images).astype(int) for images in (four[0], one[0]))
+    four_pixels, one_pixels = (to_uint8(images).astype(int) for images in (four[0], one[0]))
     assert np.abs(four_pixels - one_pixels).max() <= 1
     assert np.mean(four_pixels != one_pixels) <= 0.01
     # Each image differs from the others: the seeds and the per-prompt index both reach the noise.
-    assert len({im.tobytes() for im in esd_jax.sampling.to_uint8(one[0])}) == 6
+    assert len({im.tobytes() for im in to_uint8(one[0])}) == 6
 
 
 def write_csv(path, text: str):
@@ -208,7 +210,6 @@ def test_a_killed_run_leaves_records_only_of_the_images_it_wrote(sd1_folder, tmp
     out = tmp_path / "out"
     settings = dict(model=str(sd1_folder), prompts=csv, out=out, steps=4, batch_size=4)
     assert sample_to_folder(**settings) == 2
-    to_uint8 = esd_jax.sampling.to_uint8
 
     def kill_at_batch(n: int):
         calls = []
@@ -219,7 +220,7 @@ def test_a_killed_run_leaves_records_only_of_the_images_it_wrote(sd1_folder, tmp
                 raise Killed
             return to_uint8(images)
 
-        monkeypatch.setattr(esd_jax.sampling, "to_uint8", convert)
+        monkeypatch.setattr(folder, "to_uint8", convert)
         with pytest.raises(Killed):
             sample_to_folder(**settings)
 

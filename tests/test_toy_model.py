@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import esd_jax
-from esd_jax import toy
+from esd_jax import pipeline
 from esd_jax.config import EraseConfig
 from esd_jax.run import apply_delta
-from esd_jax.sampling import Sampler
+from esd_jax.sampling.sampler import Sampler
 from esd_jax.toy import evaluate as ev
 from esd_jax.train import erase
 
@@ -27,16 +27,16 @@ def pipe():
 
 
 def test_shipped_model_is_small_and_whole():
-    files = [f for f in toy.EMBEDDED.rglob("*") if f.is_file()]
+    files = [f for f in pipeline.EMBEDDED.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
-    names = {str(f.relative_to(toy.EMBEDDED)) for f in files}
+    names = {str(f.relative_to(pipeline.EMBEDDED)) for f in files}
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json"} <= names
 
 
 def test_loads_in_pytorch_with_equal_unet_outputs(pipe):
     from diffusers import StableDiffusionPipeline
 
-    reference = StableDiffusionPipeline.from_pretrained(toy.EMBEDDED, safety_checker=None)
+    reference = StableDiffusionPipeline.from_pretrained(pipeline.EMBEDDED, safety_checker=None)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
     t = np.array([999, 250])

@@ -19,10 +19,10 @@ from esd_jax import run, weights
 from esd_jax.cli import main
 from esd_jax.config import EraseConfig, default_config
 from esd_jax.errors import UserError
-from esd_jax.export import delta_filename, export_run
+from esd_jax.export import export_run
 from esd_jax.metrics import MetricsLog
 from esd_jax.partition import trainable_keys
-from esd_jax.run import apply_run
+from esd_jax.run import apply_run, delta_filename
 from esd_jax.train import erase
 
 ITERATIONS = 4

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from esd_jax import toy
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.pipeline import StableDiffusion
-from esd_jax.sampling import Sampler, compare_grid, make_items, to_uint8
+from esd_jax.sampling.folder import EMBEDDED_SAMPLING, compare_grid
+from esd_jax.sampling.sampler import Sampler, make_items, to_uint8
 from esd_jax.toy import oracle, world
 
 ATTRIBUTES = {"colour": world.COLOURS, "shape": world.SHAPES, "style": world.STYLES}
@@ -50,8 +50,8 @@ class Prompt:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     num_per_prompt: int = 16
-    steps: int = toy.SAMPLING["steps"]
-    guidance: float = toy.SAMPLING["guidance"]
+    steps: int = EMBEDDED_SAMPLING["steps"]
+    guidance: float = EMBEDDED_SAMPLING["guidance"]
     seed: int = 0
     batch_size: int = 64
 

@@ -30,7 +30,7 @@ FOLDER_KEYS = (
     "dtype",
     "checkpoint_step",
 )
-IMAGE_KEYS = ("prompt", "seed", "index")  # per image file: what made it (esd_jax.sampling.Item)
+IMAGE_KEYS = ("prompt", "seed", "index")  # per image file: what made it (esd_jax.sampling.sampler.Item)
 
 
 def weights_fingerprint(folder: Path) -> list[list]:

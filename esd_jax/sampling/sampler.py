@@ -1,4 +1,4 @@
-"""Compiled classifier-free-guided sampling over the device mesh; prompt CSVs; the base-vs-erased grid.
+"""Compiled classifier-free-guided sampling over the device mesh.
 
 One jit-compiled function per (batch shape, settings) encodes the prompts, runs the whole denoising
 loop (a `lax.fori_loop`, the conditional and unconditional halves of guidance in one UNet call) and
@@ -6,18 +6,15 @@ decodes the latents; each device of the mesh runs its share of the batch.
 
 Reproducibility: image i of a prompt with seed s starts from the noise
     jax.random.normal(jax.random.fold_in(jax.random.key(s), i), latent_shape)    # float32
-so it depends only on (prompt, seed, i, settings), never on the device count or the batch size.
-(The module is `sampling`, not `sample`: a submodule named like the package's `esd_jax.sample`
-function would replace that function on the package once imported.)
+so it depends only on (prompt, seed, i, settings), not on the device count or the batch size, up to
+the last float bits that other batch shapes' kernels round differently (docs/sampling.md).
 """
 
-import csv
 import dataclasses
 import functools
 import json
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,18 +23,14 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import checkpoints, parallel, toy
+from esd_jax import parallel
 from esd_jax.errors import UserError
-from esd_jax.files import atomic_file
 from esd_jax.parallel import AXIS
 from esd_jax.pipeline import StableDiffusion
-from esd_jax.sample_record import FOLDER_KEYS, FolderRecord, sha256, weights_fingerprint
 from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
 
 SCHEDULERS = ("ddim", "dpm++")
-CSV_COLUMNS = ("prompt", "evaluation_seed", "case_number")
 MAX_SEED = 2**32 - 1  # seeds are uint32: jax.random.key's range
-MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,280 +331,3 @@ def sample(
         mesh=mesh,
     )
     return to_uint8(images)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompt CSVs and output folders.
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptRow:
-    prompt: str
-    seed: int
-    case_number: int
-
-
-def read_prompts_csv(path: Path) -> list[PromptRow]:
-    """The rows of an ESD evaluation CSV: columns prompt, evaluation_seed, case_number (others ignored)."""
-    if not path.is_file():
-        raise UserError(f"prompt file {path}: no such file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames
-            if not columns:
-                raise UserError(f"{path} is empty; a prompt CSV has a header row with {', '.join(CSV_COLUMNS)}")
-            for column in CSV_COLUMNS:
-                if column not in columns:
-                    raise UserError(
-                        f"{path} has no column {column!r}; a prompt CSV has the columns {', '.join(CSV_COLUMNS)} "
-                        f"(found: {', '.join(c for c in columns if c)})"
-                    )
-            rows, seen = [], {}
-            for record in reader:
-                line = reader.line_num
-                seed = integer(record["evaluation_seed"], path, line, "evaluation_seed")
-                if not 0 <= seed <= MAX_SEED:
-                    raise UserError(f"{path} line {line}: evaluation_seed {seed} is outside 0..{MAX_SEED}")
-                case = integer(record["case_number"], path, line, "case_number")
-                if case in seen:
-                    raise UserError(
-                        f"{path} line {line}: case_number {case} repeats line {seen[case]}; "
-                        "each row needs its own (it names the images)"
-                    )
-                seen[case] = line
-                rows.append(PromptRow(record["prompt"] or "", seed, case))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason}); save the CSV as UTF-8") from None
-    except csv.Error as e:
-        raise UserError(f"{path}: not a readable CSV ({e})") from None
-    if not rows:
-        raise UserError(f"{path} has a header but no prompts")
-    return rows
-
-
-def integer(value: str | None, path: Path, line: int, column: str) -> int:
-    text = (value or "").strip()
-    try:
-        number = float(text)
-        if number.is_integer():
-            return int(text) if text.lstrip("+-").isdigit() else int(number)
-    except ValueError:
-        pass
-    raise UserError(f"{path} line {line}: {column} {text!r} is not an integer")
-
-
-def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: FolderRecord, *, desc: str) -> int:
-    """Samples the jobs whose image file is missing, or not on record as made from the job's item, and
-    writes them (this host's share) and their records; returns how many images all hosts made."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    main = parallel.is_main_process()
-    status = [record.status(path, dataclasses.asdict(item)) for item, path in jobs]
-    redo = np.asarray([s != "kept" for s in status])
-    if main and redo.any():
-        for kind, why in (
-            ("changed", "made from another prompt or seed"),
-            ("unrecorded", f"that {record.path} has no record of (made by an older esd-jax, or copied in)"),
-        ):
-            if kind in status:
-                n = status.count(kind)
-                print(f"{record.folder}: remaking {n} {'image' if n == 1 else 'images'} {why}")
-        # Forget the images about to be remade before any is replaced: a kill midway must not leave a
-        # new image under an old record, which a rerun with the old prompt would trust.
-        stale = {path.name for (_, path), r in zip(jobs, redo, strict=True) if r}
-        record.images = {name: r for name, r in record.images.items() if name not in stale}
-        record.save()
-    if jax.process_count() > 1:  # hosts agree on the work (any host's) before any writes an image
-        from jax.experimental import multihost_utils
-
-        redo = np.asarray(multihost_utils.process_allgather(redo)).reshape(-1, len(jobs)).any(axis=0)
-    todo = [job for job, r in zip(jobs, redo, strict=True) if r]
-    bar = tqdm(
-        total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="img", disable=not main, dynamic_ncols=True
-    )
-    with bar:
-        done = 0
-        for positions, images, _ in sampler.batches([item for item, _ in todo]):
-            for position, image in zip(positions, to_uint8(images), strict=True):
-                with atomic_file(todo[position][1]) as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
-            # Every host holds an equal share of each batch's rows, so the global count advances by
-            # the batch's real rows; counting this host's rows times the process count would overshoot.
-            count = min(sampler.batch_size, len(todo) - done)
-            if jax.process_count() > 1:  # the record names an image only once its host has written it
-                multihost_utils.sync_global_devices(f"esd-jax sample: {record.folder} batch {done}")
-            if main:
-                record.images.update((path.name, dataclasses.asdict(item)) for item, path in todo[done : done + count])
-                record.save()
-            done += count
-            bar.update(count)
-    return len(todo)
-
-
-def compare_grid(rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]]):
-    """A PIL image: one row per prompt (its text above), base images then erased images (if any)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    h, w = rows[0][1][0].shape[:2]
-    per_side = len(rows[0][1])
-    sides = 2 if rows[0][2] else 1
-    gap, label = 8, 16  # pixels between the two halves; height of a text line
-    width = max(sides * per_side * w + (sides - 1) * gap, 256)
-    grid = Image.new("RGB", (width, label + len(rows) * (label + h)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((2, 2), "base", fill="black", font=font)
-    if sides == 2:
-        draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
-    for r, (prompt, base, erased) in enumerate(rows):
-        top = label + r * (label + h)
-        text = prompt
-        while text and draw.textlength(text, font=font) > width - 4:
-            text = text[:-2] + "…"
-        draw.text((2, top + 2), text, fill="black", font=font)
-        for c, image in enumerate(base):
-            grid.paste(Image.fromarray(image), (c * w, top + label))
-        for c, image in enumerate(erased):
-            grid.paste(Image.fromarray(image), (per_side * w + gap + c * w, top + label))
-    return grid
-
-
-def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) -> Path:
-    from PIL import Image
-
-    def read(folder: Path, row: PromptRow) -> list[np.ndarray]:
-        return [
-            np.asarray(Image.open(folder / f"{row.case_number}_{i}.png").convert("RGB")) for i in range(num_per_prompt)
-        ]
-
-    shown = prompt_rows[:MAX_GRID_ROWS]
-    if len(prompt_rows) > len(shown):
-        print(f"compare.png shows the first {len(shown)} of {len(prompt_rows)} prompts")
-    grid = compare_grid([(row.prompt, read(out / "base", row), read(out, row)) for row in shown])
-    path = out / "compare.png"
-    with atomic_file(path) as tmp:
-        grid.save(tmp, format="PNG")
-    return path
-
-
-def model_name(model: str) -> str:
-    """The model as recorded: a local folder's absolute path however it was spelled, else the name."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if model != toy.EMBEDDED_NAME and path.exists() else model
-
-
-def sample_to_folder(
-    *,
-    model: str | None,
-    out: Path,
-    prompt: str | None = None,
-    prompts: Path | None = None,
-    workdir: Path | None = None,
-    esd: Path | None = None,
-    compare: bool = False,
-    seed: int = 0,
-    num_per_prompt: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
-    scheduler: str = "ddim",
-    resolution: int | None = None,
-    dtype: str = "float32",
-    batch_size: int = 8,
-) -> int:
-    """What `esd-jax sample` does: images `{case_number}_{i}.png` in `out` for a prompt or a prompt CSV,
-    from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
-    `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
-    An image already there is kept if its folder's sample.json records it as made from the same inputs,
-    so a rerun continues an interrupted one; any other is made (again). Returns how many it made.
-    `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
-    """
-    from esd_jax.pipeline import load_pipeline, locate
-    from esd_jax.run import apply_delta, apply_run, read_config
-
-    if (prompt is None) == (prompts is None):
-        raise UserError("give either --prompt TEXT or --prompts FILE.csv")
-    if workdir is not None and esd is not None:
-        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
-    if compare and workdir is None and esd is None:
-        raise UserError("--compare needs the erased model: give --workdir RUN or --esd FILE.safetensors")
-    if esd is not None and not esd.is_file():
-        raise UserError(f"--esd {esd}: no such file")
-    if num_per_prompt < 1:
-        raise UserError(f"--num_per_prompt must be at least 1, got {num_per_prompt}")
-    if prompt is not None and not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
-    rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
-    record = FolderRecord(out)
-    base_record = FolderRecord(out / "base") if compare else None
-    if workdir is not None:
-        run_model = read_config(workdir).model
-        if model is not None and model_name(model) != model_name(run_model):
-            raise UserError(
-                f"--model {model} is not the model of run {workdir} ({run_model}), whose weights belong to "
-                "that model; leave --model out"
-            )
-        model = run_model
-    model = "toy" if model is None else model
-    defaults = toy.SAMPLING if model == toy.EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
-    steps = defaults["steps"] if steps is None else steps
-    guidance = defaults["guidance"] if guidance is None else guidance
-
-    parallel.initialize_distributed()
-    model_folder = locate(model)
-    base_settings = dict(
-        model=model_name(model),
-        workdir=None,
-        esd=None,
-        model_weights=weights_fingerprint(model_folder),
-        esd_sha256=None,
-        steps=steps,
-        guidance=float(guidance),
-        scheduler=scheduler,
-        resolution=resolution,
-        dtype=dtype,
-        checkpoint_step=None,
-    )
-    settings = dict(
-        base_settings,
-        workdir=workdir and str(workdir.resolve()),
-        esd=esd and str(esd.resolve()),
-        esd_sha256=esd and sha256(esd),
-        checkpoint_step=workdir and checkpoints.latest_step(workdir),
-    )
-    record.check(settings, FOLDER_KEYS)
-    if base_record is not None:
-        base_record.check(base_settings, FOLDER_KEYS)
-        base_record.settings = base_settings
-    pipe = load_pipeline(model_folder, dtype=dtype)
-    # The sampler keeps the base weights it placed: loading others into `pipe` replaces arrays, not them.
-    sampler = Sampler(
-        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=batch_size
-    )
-    if workdir is not None:
-        apply_run(pipe, workdir, step=settings["checkpoint_step"])
-    elif esd is not None:
-        apply_delta(pipe, esd)
-    record.settings = settings
-
-    def jobs(folder: Path) -> list[tuple[Item, Path]]:
-        return [
-            (Item(row.prompt, row.seed, i), folder / f"{row.case_number}_{i}.png")
-            for row in rows
-            for i in range(num_per_prompt)
-        ]
-
-    made = 0
-    if base_record is not None:
-        made += write_images(sampler, jobs(out / "base"), base_record, desc="base model")
-    if workdir is not None or esd is not None:
-        sampler.set_unet(pipe.unet)
-    made += write_images(sampler, jobs(out), record, desc="erased model" if workdir or esd else "sampling")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("esd-jax sample: images written")
-    if compare and parallel.is_main_process():
-        write_compare(out, rows, num_per_prompt)
-    return made

@@ -1,0 +1,236 @@
+"""`esd-jax sample`: images of a prompt or a prompt CSV in a folder, base and erased, resumable; the grid."""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from esd_jax import checkpoints, parallel
+from esd_jax.errors import UserError
+from esd_jax.files import atomic_file
+from esd_jax.pipeline import EMBEDDED_NAME
+from esd_jax.sampling.prompts import PromptRow, read_prompts_csv
+from esd_jax.sampling.record import FOLDER_KEYS, FolderRecord, sha256, weights_fingerprint
+from esd_jax.sampling.sampler import MAX_SEED, Item, Sampler, to_uint8
+
+MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
+# How the toy model samples well: guidance 2 to 4 lifts shape accuracy from 0.68 to 0.83, and 5 adds nothing
+# (docs/toy.md, scripts/toy_quality.py).
+EMBEDDED_SAMPLING = {"steps": 25, "guidance": 4.0}
+
+
+def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: FolderRecord, *, desc: str) -> int:
+    """Samples the jobs whose image file is missing, or not on record as made from the job's item, and
+    writes them (this host's share) and their records; returns how many images all hosts made."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    main = parallel.is_main_process()
+    status = [record.status(path, dataclasses.asdict(item)) for item, path in jobs]
+    redo = np.asarray([s != "kept" for s in status])
+    if main and redo.any():
+        for kind, why in (
+            ("changed", "made from another prompt or seed"),
+            ("unrecorded", f"that {record.path} has no record of (made by an older esd-jax, or copied in)"),
+        ):
+            if kind in status:
+                n = status.count(kind)
+                print(f"{record.folder}: remaking {n} {'image' if n == 1 else 'images'} {why}")
+        # Forget the images about to be remade before any is replaced: a kill midway must not leave a
+        # new image under an old record, which a rerun with the old prompt would trust.
+        stale = {path.name for (_, path), r in zip(jobs, redo, strict=True) if r}
+        record.images = {name: r for name, r in record.images.items() if name not in stale}
+        record.save()
+    if jax.process_count() > 1:  # hosts agree on the work (any host's) before any writes an image
+        from jax.experimental import multihost_utils
+
+        redo = np.asarray(multihost_utils.process_allgather(redo)).reshape(-1, len(jobs)).any(axis=0)
+    todo = [job for job, r in zip(jobs, redo, strict=True) if r]
+    bar = tqdm(
+        total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="img", disable=not main, dynamic_ncols=True
+    )
+    with bar:
+        done = 0
+        for positions, images, _ in sampler.batches([item for item, _ in todo]):
+            for position, image in zip(positions, to_uint8(images), strict=True):
+                with atomic_file(todo[position][1]) as tmp:
+                    Image.fromarray(image).save(tmp, format="PNG")
+            # Every host holds an equal share of each batch's rows, so the global count advances by
+            # the batch's real rows; counting this host's rows times the process count would overshoot.
+            count = min(sampler.batch_size, len(todo) - done)
+            if jax.process_count() > 1:  # the record names an image only once its host has written it
+                multihost_utils.sync_global_devices(f"esd-jax sample: {record.folder} batch {done}")
+            if main:
+                record.images.update((path.name, dataclasses.asdict(item)) for item, path in todo[done : done + count])
+                record.save()
+            done += count
+            bar.update(count)
+    return len(todo)
+
+
+def compare_grid(rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]]):
+    """A PIL image: one row per prompt (its text above), base images then erased images (if any)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    h, w = rows[0][1][0].shape[:2]
+    per_side = len(rows[0][1])
+    sides = 2 if rows[0][2] else 1
+    gap, label = 8, 16  # pixels between the two halves; height of a text line
+    width = max(sides * per_side * w + (sides - 1) * gap, 256)
+    grid = Image.new("RGB", (width, label + len(rows) * (label + h)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((2, 2), "base", fill="black", font=font)
+    if sides == 2:
+        draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
+    for r, (prompt, base, erased) in enumerate(rows):
+        top = label + r * (label + h)
+        text = prompt
+        while text and draw.textlength(text, font=font) > width - 4:
+            text = text[:-2] + "…"
+        draw.text((2, top + 2), text, fill="black", font=font)
+        for c, image in enumerate(base):
+            grid.paste(Image.fromarray(image), (c * w, top + label))
+        for c, image in enumerate(erased):
+            grid.paste(Image.fromarray(image), (per_side * w + gap + c * w, top + label))
+    return grid
+
+
+def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) -> Path:
+    from PIL import Image
+
+    def read(folder: Path, row: PromptRow) -> list[np.ndarray]:
+        return [
+            np.asarray(Image.open(folder / f"{row.case_number}_{i}.png").convert("RGB")) for i in range(num_per_prompt)
+        ]
+
+    shown = prompt_rows[:MAX_GRID_ROWS]
+    if len(prompt_rows) > len(shown):
+        print(f"compare.png shows the first {len(shown)} of {len(prompt_rows)} prompts")
+    grid = compare_grid([(row.prompt, read(out / "base", row), read(out, row)) for row in shown])
+    path = out / "compare.png"
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def model_name(model: str) -> str:
+    """The model as recorded: a local folder's absolute path however it was spelled, else the name."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != EMBEDDED_NAME and path.exists() else model
+
+
+def sample_to_folder(
+    *,
+    model: str | None,
+    out: Path,
+    prompt: str | None = None,
+    prompts: Path | None = None,
+    workdir: Path | None = None,
+    esd: Path | None = None,
+    compare: bool = False,
+    seed: int = 0,
+    num_per_prompt: int = 1,
+    steps: int | None = None,
+    guidance: float | None = None,
+    scheduler: str = "ddim",
+    resolution: int | None = None,
+    dtype: str = "float32",
+    batch_size: int = 8,
+) -> int:
+    """What `esd-jax sample` does: images `{case_number}_{i}.png` in `out` for a prompt or a prompt CSV,
+    from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
+    `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
+    An image already there is kept if its folder's sample.json records it as made from the same inputs,
+    so a rerun continues an interrupted one; any other is made (again). Returns how many it made.
+    `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
+    """
+    from esd_jax.pipeline import load_pipeline, locate
+    from esd_jax.run import apply_delta, apply_run, read_config
+
+    if (prompt is None) == (prompts is None):
+        raise UserError("give either --prompt TEXT or --prompts FILE.csv")
+    if workdir is not None and esd is not None:
+        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
+    if compare and workdir is None and esd is None:
+        raise UserError("--compare needs the erased model: give --workdir RUN or --esd FILE.safetensors")
+    if esd is not None and not esd.is_file():
+        raise UserError(f"--esd {esd}: no such file")
+    if num_per_prompt < 1:
+        raise UserError(f"--num_per_prompt must be at least 1, got {num_per_prompt}")
+    if prompt is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
+    rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
+    record = FolderRecord(out)
+    base_record = FolderRecord(out / "base") if compare else None
+    if workdir is not None:
+        run_model = read_config(workdir).model
+        if model is not None and model_name(model) != model_name(run_model):
+            raise UserError(
+                f"--model {model} is not the model of run {workdir} ({run_model}), whose weights belong to "
+                "that model; leave --model out"
+            )
+        model = run_model
+    model = "toy" if model is None else model
+    defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance"] if guidance is None else guidance
+
+    parallel.initialize_distributed()
+    model_folder = locate(model)
+    base_settings = dict(
+        model=model_name(model),
+        workdir=None,
+        esd=None,
+        model_weights=weights_fingerprint(model_folder),
+        esd_sha256=None,
+        steps=steps,
+        guidance=float(guidance),
+        scheduler=scheduler,
+        resolution=resolution,
+        dtype=dtype,
+        checkpoint_step=None,
+    )
+    settings = dict(
+        base_settings,
+        workdir=workdir and str(workdir.resolve()),
+        esd=esd and str(esd.resolve()),
+        esd_sha256=esd and sha256(esd),
+        checkpoint_step=workdir and checkpoints.latest_step(workdir),
+    )
+    record.check(settings, FOLDER_KEYS)
+    if base_record is not None:
+        base_record.check(base_settings, FOLDER_KEYS)
+        base_record.settings = base_settings
+    pipe = load_pipeline(model_folder, dtype=dtype)
+    # The sampler keeps the base weights it placed: loading others into `pipe` replaces arrays, not them.
+    sampler = Sampler(
+        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=batch_size
+    )
+    if workdir is not None:
+        apply_run(pipe, workdir, step=settings["checkpoint_step"])
+    elif esd is not None:
+        apply_delta(pipe, esd)
+    record.settings = settings
+
+    def jobs(folder: Path) -> list[tuple[Item, Path]]:
+        return [
+            (Item(row.prompt, row.seed, i), folder / f"{row.case_number}_{i}.png")
+            for row in rows
+            for i in range(num_per_prompt)
+        ]
+
+    made = 0
+    if base_record is not None:
+        made += write_images(sampler, jobs(out / "base"), base_record, desc="base model")
+    if workdir is not None or esd is not None:
+        sampler.set_unet(pipe.unet)
+    made += write_images(sampler, jobs(out), record, desc="erased model" if workdir or esd else "sampling")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("esd-jax sample: images written")
+    if compare and parallel.is_main_process():
+        write_compare(out, rows, num_per_prompt)
+    return made
