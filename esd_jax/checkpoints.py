@@ -121,7 +121,9 @@ def restore_trained(manager: ocp.CheckpointManager, trainable, step: int):
     """Only the trained weights of the checkpoint at `step`, shaped as `trainable` (the optimizer state
     stays on disk: reading a run back needs no optimizer)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore({"trainable": abstract}, partial_restore=True))
+    item = {"trainable": abstract}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
     return restored["trainable"]
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,112 +84,40 @@ def export(argv: list[str]) -> None:
 
 
 def sample(argv: list[str]) -> None:
-    fv = flags.FlagValues()
-    flags.DEFINE_string(
-        "model",
-        None,
-        "A diffusers folder, a hub id or toy (default: the --workdir run's model, else toy).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string("workdir", None, "Sample from this erase run's latest checkpoint.", flag_values=fv)
-    flags.DEFINE_string(
-        "esd", None, "Sample with an official-format ESD delta (.safetensors, diffusers keys).", flag_values=fv
-    )
-    flags.DEFINE_string("prompt", None, "One prompt (its images: OUT/0_<i>.png).", flag_values=fv)
-    flags.DEFINE_string(
-        "prompts",
-        None,
-        "A CSV with columns prompt, evaluation_seed, case_number (images: OUT/<case>_<i>.png).",
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "out",
-        None,
-        "Output folder; images already there are kept if made from the same inputs (OUT/sample.json records them).",
-        flag_values=fv,
-    )
-    flags.DEFINE_integer("steps", None, "Denoising steps (default: 50; the toy model's 25).", flag_values=fv)
-    flags.DEFINE_float(
-        "guidance", None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 4).", flag_values=fv
-    )
-    flags.DEFINE_integer("num_per_prompt", 1, "Images per prompt.", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "The seed of --prompt (a CSV gives each row's evaluation_seed).", flag_values=fv)
-    flags.DEFINE_integer("resolution", None, "Image side in pixels (default: the model's native size).", flag_values=fv)
-    flags.DEFINE_enum("scheduler", "ddim", ["ddim", "dpm++"], "DDIM or DPM-Solver++ (2M).", flag_values=fv)
-    flags.DEFINE_string("dtype", "float32", "Compute dtype: float32, bfloat16 or float16.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 8, "Images per compiled call, over all devices.", flag_values=fv)
-    flags.DEFINE_bool(
-        "compare",
-        False,
-        "Also sample the base model (OUT/base/) and write both side by side in OUT/compare.png.",
-        flag_values=fv,
-    )
-    parse(fv, argv)
-    if fv.out is None:
-        raise UserError(f"give --out FOLDER for the images: {argv[0]} --prompt TEXT --out FOLDER")
+    from esd_jax.config import SampleConfig
+
+    cfg = parse_options(SampleConfig, argv)
     from esd_jax.sampling.folder import sample_to_folder
 
-    def path(value: str | None) -> Path | None:
-        return None if value is None else Path(value)
-
-    made = sample_to_folder(
-        model=fv.model,
-        out=Path(fv.out),
-        prompt=fv.prompt,
-        prompts=path(fv.prompts),
-        workdir=path(fv.workdir),
-        esd=path(fv.esd),
-        compare=fv.compare,
-        seed=fv.seed,
-        num_per_prompt=fv.num_per_prompt,
-        steps=fv.steps,
-        guidance=fv.guidance,
-        scheduler=fv.scheduler,
-        resolution=fv.resolution,
-        dtype=fv.dtype,
-        batch_size=fv.batch_size,
-    )
-    print(f"sampled {made} images into {fv.out}")
+    made = sample_to_folder(cfg)
+    print(f"sampled {made} images into {cfg.out}")
 
 
 def evaluate(argv: list[str]) -> None:
+    from esd_jax.config import EvaluateConfig
+
+    cfg = parse_options(EvaluateConfig, argv)
+    from esd_jax.toy.evaluate import evaluate_erasure
+
+    evaluate_erasure(cfg)
+
+
+def parse_options(cls, argv: list[str]):
+    """One flag per field of the config dataclass `cls` (its default and help declared there, once);
+    returns the validated config."""
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool, str: flags.DEFINE_string}
     fv = flags.FlagValues()
-    flags.DEFINE_string("model", None, "The base model (default: the --workdir run's model, else toy).", flag_values=fv)
-    flags.DEFINE_string("workdir", None, "The erased model: this erase run's latest checkpoint.", flag_values=fv)
-    flags.DEFINE_string("esd", None, "The erased model: an official-format ESD delta (.safetensors).", flag_values=fv)
-    flags.DEFINE_string(
-        "concept", None, "The erased concept: a colour, shape or style (default: the run's concept).", flag_values=fv
-    )
-    flags.DEFINE_string("json", None, "Also write the report to this JSON file.", flag_values=fv)
-    flags.DEFINE_string(
-        "grid", None, "The picture (default: evaluate-<concept>.png in the workdir, else here).", flag_values=fv
-    )
-    from esd_jax.toy.evaluate import Settings, run
-
-    defaults = Settings()
-    flags.DEFINE_integer("num_per_prompt", defaults.num_per_prompt, "Images per prompt and model.", flag_values=fv)
-    flags.DEFINE_integer("steps", defaults.steps, "DDIM steps.", flag_values=fv)
-    flags.DEFINE_float("guidance", defaults.guidance, "Classifier-free guidance scale.", flag_values=fv)
-    flags.DEFINE_integer(
-        "seed", defaults.seed, "Image i of every prompt starts from the noise of (seed, i).", flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "batch_size", defaults.batch_size, "Images per compiled call, over all devices.", flag_values=fv
-    )
+    for field in dataclasses.fields(cls):
+        kind = next(t for t in typing.get_args(field.type) or (field.type,) if t is not type(None))
+        help_text, choices = field.metadata["help"], field.metadata["choices"]
+        if choices:
+            flags.DEFINE_enum(field.name, field.default, choices, help_text, flag_values=fv)
+        else:
+            define[kind](field.name, field.default, help_text, flag_values=fv)
     parse(fv, argv)
-
-    def path(value: str | None) -> Path | None:
-        return None if value is None else Path(value)
-
-    run(
-        model=fv.model,
-        concept=fv.concept,
-        workdir=path(fv.workdir),
-        esd=path(fv.esd),
-        json_path=path(fv.json),
-        grid=path(fv.grid),
-        settings=Settings(fv.num_per_prompt, fv.steps, fv.guidance, fv.seed, fv.batch_size),
-    )
+    cfg = cls(**{field.name: fv[field.name].value for field in dataclasses.fields(cls)})
+    cfg.validate()
+    return cfg
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {

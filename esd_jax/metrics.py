@@ -14,7 +14,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        rows = self.read(path)
+        rows = self.read_rows(path)
         kept = [r for r in rows if r["step"] <= resume_step]
         lines = path.read_text().splitlines() if path.exists() else []
         if len(kept) != len([line for line in lines if line.strip()]):
@@ -22,7 +22,7 @@ class MetricsLog:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
+    def read_rows(path: Path) -> list[dict[str, Any]]:
         """The rows; a line cut short by a kill, or not a row of this log, is left out."""
         if not path.exists():
             return []
@@ -50,7 +50,7 @@ def plot_loss(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = MetricsLog.read(metrics_path)
+    rows = MetricsLog.read_rows(metrics_path)
     if not rows:
         return
     step = np.array([r["step"] for r in rows])

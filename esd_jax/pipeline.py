@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
 from esd_jax import weights
+from esd_jax.config import EMBEDDED_NAME
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_dir
 from esd_jax.models import clip, unet, vae
@@ -40,9 +42,7 @@ HUB_PATTERNS = [
     *(f"{c}/{p}" for c in WEIGHT_FILES for p in ("config.json", WEIGHT_FILES[c])),
 ]
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-# The model that ships inside esd-jax (a diffusers folder trained by esd_jax.toy.train): what the model
-# name "toy" means everywhere.
-EMBEDDED_NAME = "toy"
+# The embedded model's folder: what the model name EMBEDDED_NAME means everywhere.
 EMBEDDED = Path(__file__).parent / "toy" / "pipeline"
 # Keys read straight from a config.json (the native image size, the latent shape) rather than through the
 # config classes' defaults, so a file must have them.
@@ -79,7 +79,28 @@ class StableDiffusion:
     def native_resolution(self) -> int:
         """The side in pixels of the images the model makes by default: the UNet's latent side times the
         VAE's downsampling (one halving per block after the first)."""
-        return self.configs["unet"]["sample_size"] * 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+        return self.configs["unet"]["sample_size"] * self.vae_factor
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+    def latent_shape(self, resolution: int = 0) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of square images of `resolution` pixels (0: the native size)."""
+        size = resolution or self.native_resolution
+        multiple = self.vae_factor * 2 ** (len(self.configs["unet"]["down_block_types"]) - 1)
+        if size <= 0 or size % multiple:
+            raise UserError(
+                f"resolution {size}: this model takes multiples of {multiple} pixels (native: {self.native_resolution})"
+            )
+        return self.configs["unet"]["in_channels"], size // self.vae_factor, size // self.vae_factor
+
+    def token_ids(self, prompts: list[str]) -> np.ndarray:
+        """[n, L] int32 token ids, padded to the tokenizer's length as diffusers' pipelines pad them."""
+        tokenizer = self.tokenizer
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+        ).input_ids.astype(np.int32)
 
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Writes a diffusers folder; a crash midway leaves any earlier folder at `out_dir` intact.

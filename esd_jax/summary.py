@@ -17,8 +17,7 @@ def describe(model: str, dtype: str = "float32") -> str:
     lines = [f"model: {pipe.source}", f"compute dtype: {dtype}"]
     for name in ("unet", "vae", "text_encoder"):
         lines.append(f"{name}: {parameter_count(getattr(pipe, name)):,} parameters")
-    vae_factor = 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1)
-    lines.append(f"native resolution: {pipe.configs['unet']['sample_size'] * vae_factor} px")
+    lines.append(f"native resolution: {pipe.native_resolution} px")
     lines.append(f"tokenizer: {len(pipe.tokenizer)} tokens, max length {pipe.tokenizer.model_max_length}")
     lines.append(f"scheduler: {json.dumps({k: v for k, v in pipe.scheduler_config.items() if not k.startswith('_')})}")
     return "\n".join(lines)

@@ -28,26 +28,17 @@ from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
 
 
-def encode_prompts(pipe: StableDiffusion, prompts: list[str]) -> jax.Array:
-    """Last hidden states [n, L, D] of prompts padded to the tokenizer's length, as SD pipelines do."""
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="np"
-    ).input_ids
-    return nnx.jit(lambda model, ids: model(ids))(pipe.text_encoder, jnp.asarray(ids))
+@nnx.jit
+def encode(text_encoder, ids: jax.Array) -> jax.Array:
+    return text_encoder(ids)  # [n, L, D] last hidden states
 
 
-def latent_shape(pipe: StableDiffusion, resolution: int) -> tuple[int, int, int]:
-    """(C, H, W) of the latents for `resolution` pixels (0: the model's native size)."""
-    vae_factor = 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1)
-    unet_factor = 2 ** (len(pipe.configs["unet"]["down_block_types"]) - 1)
-    native = pipe.configs["unet"]["sample_size"] * vae_factor
-    size = resolution or native
-    if size % (vae_factor * unet_factor):
-        raise UserError(
-            f"config.resolution={size}: this model takes multiples of {vae_factor * unet_factor} "
-            f"pixels (native: {native})"
-        )
-    return pipe.configs["unet"]["in_channels"], size // vae_factor, size // vae_factor
+def encode_prompts(pipe: StableDiffusion, cfg: EraseConfig) -> Prompts:
+    """The concepts, their erase-from prompts and "", through the text encoder in one call."""
+    texts = [*cfg.concepts, *cfg.erase_froms, ""]
+    embeddings = encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
+    n, m = len(cfg.concepts), len(cfg.erase_froms)
+    return Prompts(concept=embeddings[:n], erase_from=embeddings[n : n + m] if m else None, null=embeddings[-1])
 
 
 def erase(cfg: EraseConfig) -> Path:
@@ -77,14 +68,9 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
     mesh = parallel.make_mesh()
 
     pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
-    shape = latent_shape(pipe, cfg.resolution)
+    shape = pipe.latent_shape(cfg.resolution)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
-    concepts = encode_prompts(pipe, cfg.concepts)
-    prompts = Prompts(
-        concept=concepts,
-        erase_from=encode_prompts(pipe, cfg.erase_froms) if cfg.erase_from else None,
-        null=encode_prompts(pipe, [""])[0],
-    )
+    prompts = encode_prompts(pipe, cfg)
     unet = pipe.unet
     del pipe  # the text encoder and VAE are not needed on device from here on
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from esd_jax import pipeline
+from esd_jax.config import EMBEDDED_NAME
 from esd_jax.pipeline import load_pipeline
 from esd_jax.toy import train, world
 from esd_jax.toy.model import Networks
@@ -32,7 +33,7 @@ def batches(steps: int, size: int, captions) -> list[dict[str, np.ndarray]]:
 
 
 def time_jax(data: list[dict], cfg: train.TrainToyConfig) -> float:
-    pipe = load_pipeline(pipeline.EMBEDDED_NAME)
+    pipe = load_pipeline(EMBEDDED_NAME)
     net = Networks(pipe)
     graphdef, trainable, frozen = nnx.split(net, lambda path, x: path[0] in train.TRAINS["unet"], ...)
     stage = train.unet_stage(cfg, train.Captions(pipe), pipe.vae.scaling_factor)
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per framework")
     args = parser.parse_args()
     cfg = train.TrainToyConfig()
-    data = batches(args.steps, cfg.batch, train.Captions(load_pipeline(pipeline.EMBEDDED_NAME)))
+    data = batches(args.steps, cfg.batch, train.Captions(load_pipeline(EMBEDDED_NAME)))
     jax_s = time_jax(data, cfg)
     torch_s = time_torch(data, cfg)
     print(f"toy UNet training step, batch {cfg.batch}, {args.steps} steps each")

@@ -19,7 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from esd_jax.config import EraseConfig
+from esd_jax.config import EraseConfig, EvaluateConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.pipeline import load_pipeline
@@ -67,7 +67,7 @@ def name_of(overrides: dict, prompts: str | None) -> str:
     return "_".join(f"{k}={v}" for k, v in items) or "default"
 
 
-def base_measurement(out: Path, concept: ev.Concept, settings: ev.Settings, sampler: Sampler, prompts) -> dict:
+def base_measurement(out: Path, concept: ev.Concept, settings: EvaluateConfig, sampler: Sampler, prompts) -> dict:
     """The base model's measurement, from OUT/base.json when it was taken with the same concept and settings."""
     key = {"concept": concept.value, "settings": dataclasses.asdict(settings)}
     path = out / "base.json"
@@ -76,7 +76,7 @@ def base_measurement(out: Path, concept: ev.Concept, settings: ev.Settings, samp
         if {k: saved[k] for k in key} == key:
             return saved["measured"]
         raise UserError(f"{out} holds a sweep of {saved['concept']!r} with other settings; use another --out")
-    measured = ev.measure(concept, prompts, ev.generate(sampler, prompts, settings))
+    measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({**key, "measured": measured}) + "\n")
@@ -155,7 +155,7 @@ def main() -> None:
     args = parse_args()
     concept = ev.parse_concept(args.concept)
     base_config = {**toy_config(), "concept": args.prompts or concept.value}
-    settings = ev.Settings(num_per_prompt=args.num_per_prompt)
+    settings = EvaluateConfig(num_per_prompt=args.num_per_prompt)
     prompts = ev.prompts_for(concept)
     pipe = load_pipeline(base_config["model"])
     ev.check_vocabulary(pipe, prompts)
@@ -177,7 +177,7 @@ def main() -> None:
             erased = load_pipeline(cfg.model)
             apply_delta(erased, delta)
             sampler.set_unet(erased.unet)
-            measured = ev.measure(concept, prompts, ev.generate(sampler, prompts, settings))
+            measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))
             report = ev.report(concept, prompts, settings, {"base": base, "erased": measured})
             done[name] = {"name": name, "overrides": overrides, "erase_prompts": cfg.concept, **report}
             with open(results, "a") as f:

@@ -10,7 +10,7 @@ shape >= 0.8 at 64 images per prompt.
 import argparse
 import sys
 
-from esd_jax import pipeline
+from esd_jax.config import EMBEDDED_NAME, EvaluateConfig
 from esd_jax.errors import UserError
 from esd_jax.pipeline import load_pipeline
 from esd_jax.toy import evaluate as ev
@@ -19,7 +19,7 @@ from esd_jax.toy import world
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=pipeline.EMBEDDED_NAME)
+    parser.add_argument("--model", default=EMBEDDED_NAME)
     parser.add_argument("--guidance", default="2,3", help="comma-separated guidance scales")
     parser.add_argument("--num-per-prompt", type=int, default=64)
     args = parser.parse_args()
@@ -34,7 +34,7 @@ def main() -> None:
     shapes = "/".join((*world.SHAPES, "none"))
     print(f"{'guidance':>8s} {'colour':>7s} {'shape':>7s}  shape confusion (prompted shape: read as {shapes})")
     for g in scales:
-        q = ev.quality(pipe, ev.Settings(num_per_prompt=args.num_per_prompt, guidance=g, batch_size=256))
+        q = ev.quality(pipe, EvaluateConfig(num_per_prompt=args.num_per_prompt, guidance=g, batch_size=256))
         matrix = "; ".join(f"{s}: " + "/".join(map(str, row.values())) for s, row in q["confusion"].items())
         print(f"{g:8.1f} {q['colour']:7.3f} {q['shape']:7.3f}  {matrix}", flush=True)
 

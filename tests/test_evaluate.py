@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from esd_jax.cli import main
+from esd_jax.config import EvaluateConfig
 from esd_jax.errors import UserError
 from esd_jax.toy import evaluate as ev
 from esd_jax.toy import world
@@ -80,7 +81,7 @@ def test_measure_against_the_world_labels():
     assert e["groups"]["concept"]["concept_rate"] == 0.0 and e["groups"]["concept"]["accuracy"]["shape"] == 1.0
     assert e["groups"]["others"]["accuracy"]["colour"] == 1.0
 
-    report = ev.report(concept, prompts, ev.Settings(num_per_prompt=per), {"base": m, "erased": e})
+    report = ev.report(concept, prompts, EvaluateConfig(num_per_prompt=per), {"base": m, "erased": e})
     assert (report["concept_rate_base"], report["concept_rate_erased"]) == (1.0, 0.0)
     assert (report["others_accuracy_base"], report["others_accuracy_erased"]) == (1.0, 1.0)
     json.dumps(report)

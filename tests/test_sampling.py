@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,15 @@ import esd_jax
 from conftest import build_torch_pipeline
 from esd_jax import weights
 from esd_jax.cli import main
-from esd_jax.config import EraseConfig, default_config
+from esd_jax.config import EraseConfig, SampleConfig, default_config
 from esd_jax.errors import UserError
 from esd_jax.partition import trainable_keys
 from esd_jax.run import apply_delta, write_delta
 from esd_jax.sampling import folder
-from esd_jax.sampling.folder import sample_to_folder
+from esd_jax.sampling.folder import sample_to_folder as sample_config_to_folder
 from esd_jax.sampling.prompts import read_prompts_csv
 from esd_jax.sampling.record import FOLDER_KEYS
-from esd_jax.sampling.sampler import generate, initial_noise, to_uint8
+from esd_jax.sampling.sampler import initial_noise, sample_with_latents, to_uint8
 from esd_jax.train import erase
 
 PROMPTS = ["red circle", "a photo of van gogh painting"]
@@ -68,7 +69,7 @@ def test_sampling_matches_diffusers(tiny_pipeline, scheduler, steps):
         ).images
     want_latents = final["latents"].numpy()
 
-    images, latents = generate(
+    images, latents = sample_with_latents(
         esd_jax.load_pipeline(folder),
         PROMPTS,
         latents=noise,
@@ -92,8 +93,8 @@ def test_initial_noise_follows_the_documented_rule():
 def test_images_do_not_depend_on_devices_or_batch_size(sd1_pipe):
     """One device with batches of 3 against four devices with one image each (plus padding)."""
     args = dict(prompts=["red circle", "green", "van gogh"], seeds=[1, 2, 3], num_per_prompt=2, steps=4)
-    one = generate(sd1_pipe, **args, mesh=mesh(1), batch_size=3)
-    four = generate(sd1_pipe, **args, mesh=mesh(4), batch_size=1)
+    one = sample_with_latents(sd1_pipe, **args, mesh=mesh(1), batch_size=3)
+    four = sample_with_latents(sd1_pipe, **args, mesh=mesh(4), batch_size=1)
     # Other batch shapes run other kernels: the same up to float rounding, which can flip a pixel's
     # rounding to 8 bits. The tolerance docs/sampling.md states: one level, on at most 1% of the pixels.
     np.testing.assert_allclose(four[1], one[1], rtol=0, atol=1e-5 * np.abs(one[1]).max())
@@ -102,6 +103,13 @@ def test_images_do_not_depend_on_devices_or_batch_size(sd1_pipe):
     assert np.mean(four_pixels != one_pixels) <= 0.01
     # Each image differs from the others: the seeds and the per-prompt index both reach the noise.
     assert len({im.tobytes() for im in to_uint8(one[0])}) == 6
+
+
+def sample_to_folder(**settings) -> int:
+    """`esd-jax sample` with these options (paths given as Path)."""
+    return sample_config_to_folder(
+        SampleConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()})
+    )
 
 
 def write_csv(path, text: str):

@@ -12,7 +12,7 @@ import torch
 
 import esd_jax
 from esd_jax import pipeline
-from esd_jax.config import EraseConfig
+from esd_jax.config import EraseConfig, EvaluateConfig
 from esd_jax.run import apply_delta
 from esd_jax.sampling.sampler import Sampler
 from esd_jax.toy import evaluate as ev
@@ -52,7 +52,7 @@ def test_loads_in_pytorch_with_equal_unet_outputs(pipe):
 def test_quality_gate(pipe, record_property):
     """Issue 5's gate, at the model's sampling settings: on 64 images per (colour, shape) prompt the oracle
     reads the prompt's colour at least 90% of the time and its shape at least 80%."""
-    q = ev.quality(pipe, ev.Settings(num_per_prompt=64, batch_size=256))
+    q = ev.quality(pipe, EvaluateConfig(num_per_prompt=64, batch_size=256))
     record_property("quality", q)
     assert q["colour"] >= 0.9 and q["shape"] >= 0.8, q
     # The confusion counts every image once ("none" included): each shape was asked 4 colours x 64 times.
@@ -79,7 +79,7 @@ def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_pr
     cfg = dataclasses.replace(cfg, batch_per_device=4 // jax.device_count())
     erased = esd_jax.load_pipeline("toy")
     apply_delta(erased, erase(cfg))
-    concept, settings = ev.parse_concept("red"), ev.Settings(num_per_prompt=8)
+    concept, settings = ev.parse_concept("red"), EvaluateConfig(num_per_prompt=8)
     prompts = ev.prompts_for(concept)
     sampler = Sampler(erased, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
     groups = ev.measure(concept, prompts, ev.generate(sampler, prompts, settings))["groups"]

@@ -248,7 +248,7 @@ def test_a_torn_metrics_log_loses_only_its_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')
     MetricsLog(path, resume_step=2)
-    assert [r["step"] for r in MetricsLog.read(path)] == [1, 2]
+    assert [r["step"] for r in MetricsLog.read_rows(path)] == [1, 2]
     assert path.read_text().endswith("}\n")
 
 
@@ -282,7 +282,7 @@ def test_bad_settings_are_refused(overrides, message):
 
 
 def test_bad_resolution_and_foreign_workdir_are_refused(sd1_folder, reference_run, tmp_path):
-    with pytest.raises(UserError, match=r"config.resolution=18: this model takes multiples of 4 pixels \(native: 16\)"):
+    with pytest.raises(UserError, match=r"resolution 18: this model takes multiples of 4 pixels \(native: 16\)"):
         erase(config(**settings(sd1_folder, tmp_path, resolution=18)))
     workdir, _ = reference_run
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.name != ".lock"}

@@ -7,17 +7,14 @@ import jax
 import numpy as np
 
 from esd_jax import checkpoints, parallel
+from esd_jax.config import EMBEDDED_NAME, SampleConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
-from esd_jax.pipeline import EMBEDDED_NAME
 from esd_jax.sampling.prompts import PromptRow, read_prompts_csv
 from esd_jax.sampling.record import FOLDER_KEYS, FolderRecord, sha256, weights_fingerprint
-from esd_jax.sampling.sampler import MAX_SEED, Item, Sampler, to_uint8
+from esd_jax.sampling.sampler import Item, Sampler, to_uint8
 
 MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
-# How the toy model samples well: guidance 2 to 4 lifts shape accuracy from 0.68 to 0.83, and 5 adds nothing
-# (docs/toy.md, scripts/toy_quality.py).
-EMBEDDED_SAMPLING = {"steps": 25, "guidance": 4.0}
 
 
 def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: FolderRecord, *, desc: str) -> int:
@@ -121,49 +118,24 @@ def model_name(model: str) -> str:
     return str(path.resolve()) if model != EMBEDDED_NAME and path.exists() else model
 
 
-def sample_to_folder(
-    *,
-    model: str | None,
-    out: Path,
-    prompt: str | None = None,
-    prompts: Path | None = None,
-    workdir: Path | None = None,
-    esd: Path | None = None,
-    compare: bool = False,
-    seed: int = 0,
-    num_per_prompt: int = 1,
-    steps: int | None = None,
-    guidance: float | None = None,
-    scheduler: str = "ddim",
-    resolution: int | None = None,
-    dtype: str = "float32",
-    batch_size: int = 8,
-) -> int:
-    """What `esd-jax sample` does: images `{case_number}_{i}.png` in `out` for a prompt or a prompt CSV,
+def sample_to_folder(cfg: SampleConfig) -> int:
+    """What `esd-jax sample` does: images `{case_number}_{i}.png` in `cfg.out` for a prompt or a prompt CSV,
     from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
     `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
     An image already there is kept if its folder's sample.json records it as made from the same inputs,
     so a rerun continues an interrupted one; any other is made (again). Returns how many it made.
-    `steps` and `guidance` default to 50 and 7.5 (Stable Diffusion's), or to the toy model's own.
     """
     from esd_jax.pipeline import load_pipeline, locate
-    from esd_jax.run import apply_delta, apply_run, read_config
+    from esd_jax.run import apply_erasure, check_erasure, read_config
 
-    if (prompt is None) == (prompts is None):
-        raise UserError("give either --prompt TEXT or --prompts FILE.csv")
-    if workdir is not None and esd is not None:
-        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
-    if compare and workdir is None and esd is None:
-        raise UserError("--compare needs the erased model: give --workdir RUN or --esd FILE.safetensors")
-    if esd is not None and not esd.is_file():
-        raise UserError(f"--esd {esd}: no such file")
-    if num_per_prompt < 1:
-        raise UserError(f"--num_per_prompt must be at least 1, got {num_per_prompt}")
-    if prompt is not None and not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed {seed} is outside 0..{MAX_SEED}")
-    rows = [PromptRow(prompt, seed, 0)] if prompt is not None else read_prompts_csv(prompts)
+    cfg.validate()
+    out = Path(cfg.out)
+    workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
+    check_erasure(workdir, esd)
+    rows = [PromptRow(cfg.prompt, cfg.seed, 0)] if cfg.prompt is not None else read_prompts_csv(Path(cfg.prompts))
     record = FolderRecord(out)
-    base_record = FolderRecord(out / "base") if compare else None
+    base_record = FolderRecord(out / "base") if cfg.compare else None
+    model = cfg.model
     if workdir is not None:
         run_model = read_config(workdir).model
         if model is not None and model_name(model) != model_name(run_model):
@@ -172,10 +144,9 @@ def sample_to_folder(
                 "that model; leave --model out"
             )
         model = run_model
-    model = "toy" if model is None else model
-    defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else {"steps": 50, "guidance": 7.5}
-    steps = defaults["steps"] if steps is None else steps
-    guidance = defaults["guidance"] if guidance is None else guidance
+    model = EMBEDDED_NAME if model is None else model
+    steps, guidance = cfg.sampling(model)
+    scheduler, resolution, dtype, num_per_prompt = cfg.scheduler, cfg.resolution, cfg.dtype, cfg.num_per_prompt
 
     parallel.initialize_distributed()
     model_folder = locate(model)
@@ -206,12 +177,10 @@ def sample_to_folder(
     pipe = load_pipeline(model_folder, dtype=dtype)
     # The sampler keeps the base weights it placed: loading others into `pipe` replaces arrays, not them.
     sampler = Sampler(
-        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=batch_size
+        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=cfg.batch_size
     )
-    if workdir is not None:
-        apply_run(pipe, workdir, step=settings["checkpoint_step"])
-    elif esd is not None:
-        apply_delta(pipe, esd)
+    if workdir is not None or esd is not None:
+        apply_erasure(pipe, workdir, esd, step=settings["checkpoint_step"])
     record.settings = settings
 
     def jobs(folder: Path) -> list[tuple[Item, Path]]:
@@ -231,6 +200,6 @@ def sample_to_folder(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("esd-jax sample: images written")
-    if compare and parallel.is_main_process():
+    if cfg.compare and parallel.is_main_process():
         write_compare(out, rows, num_per_prompt)
     return made

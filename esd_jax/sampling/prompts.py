@@ -4,8 +4,8 @@ import csv
 import dataclasses
 from pathlib import Path
 
+from esd_jax.config import MAX_SEED
 from esd_jax.errors import UserError
-from esd_jax.sampling.sampler import MAX_SEED
 
 CSV_COLUMNS = ("prompt", "evaluation_seed", "case_number")
 
@@ -36,10 +36,10 @@ def read_prompts_csv(path: Path) -> list[PromptRow]:
             rows, seen = [], {}
             for record in reader:
                 line = reader.line_num
-                seed = integer(record["evaluation_seed"], path, line, "evaluation_seed")
+                seed = parse_integer(record["evaluation_seed"], path, line, "evaluation_seed")
                 if not 0 <= seed <= MAX_SEED:
                     raise UserError(f"{path} line {line}: evaluation_seed {seed} is outside 0..{MAX_SEED}")
-                case = integer(record["case_number"], path, line, "case_number")
+                case = parse_integer(record["case_number"], path, line, "case_number")
                 if case in seen:
                     raise UserError(
                         f"{path} line {line}: case_number {case} repeats line {seen[case]}; "
@@ -56,7 +56,7 @@ def read_prompts_csv(path: Path) -> list[PromptRow]:
     return rows
 
 
-def integer(value: str | None, path: Path, line: int, column: str) -> int:
+def parse_integer(value: str | None, path: Path, line: int, column: str) -> int:
     text = (value or "").strip()
     try:
         number = float(text)

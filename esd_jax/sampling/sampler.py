@@ -24,17 +24,15 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from esd_jax import parallel
+from esd_jax.config import MAX_SEED, SCHEDULERS
 from esd_jax.errors import UserError
 from esd_jax.parallel import AXIS
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
 
-SCHEDULERS = ("ddim", "dpm++")
-MAX_SEED = 2**32 - 1  # seeds are uint32: jax.random.key's range
-
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class SamplerSettings:
     """Everything the compiled function depends on besides array shapes (hashable: a jit static arg)."""
 
     steps: int
@@ -59,7 +57,7 @@ def initial_noise(seeds: jax.Array, indices: jax.Array, *, shape: tuple[int, int
     return jax.vmap(lambda s, i: jax.random.normal(jax.random.fold_in(jax.random.key(s), i), shape))(seeds, indices)
 
 
-def denoise(unet, settings: Settings, latents: jax.Array, cond: jax.Array, null: jax.Array) -> jax.Array:
+def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond: jax.Array, null: jax.Array) -> jax.Array:
     """The sampling loop from `latents` [B, C, H, W] under text embeddings `cond` [B, L, D] and `null` [L, D].
 
     As diffusers' StableDiffusionPipeline: guidance applies when > 1, with the unconditional half first.
@@ -99,7 +97,7 @@ def denoise(unet, settings: Settings, latents: jax.Array, cond: jax.Array, null:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "mesh"))
-def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: Settings, mesh: Mesh):
+def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: SamplerSettings, mesh: Mesh):
     """(images [B, H, W, 3] float32 in [0, 1], final latents [B, C, h, w]) for one global batch.
 
     `states` (unet, text encoder, VAE) are replicated; token ids [B, L] and latents are sharded over the
@@ -123,20 +121,6 @@ def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: 
     )(states, cond_ids, null_ids, latents)
 
 
-def latent_size(pipe: StableDiffusion, resolution: int | None) -> tuple[int, int, int]:
-    """(C, h, w) of the latents for `resolution` pixels (None: the model's native size)."""
-    vae_factor = 2 ** (len(pipe.configs["vae"]["block_out_channels"]) - 1)
-    unet_factor = 2 ** (len(pipe.configs["unet"]["down_block_types"]) - 1)
-    native = pipe.configs["unet"]["sample_size"] * vae_factor
-    size = native if resolution is None else resolution
-    if size <= 0 or size % (vae_factor * unet_factor):
-        raise UserError(
-            f"resolution {size}: this model takes positive multiples of {vae_factor * unet_factor} pixels "
-            f"(native: {native})"
-        )
-    return pipe.configs["unet"]["in_channels"], size // vae_factor, size // vae_factor
-
-
 class Sampler:
     """One pipeline's networks placed on a mesh, and the settings they sample with."""
 
@@ -147,7 +131,7 @@ class Sampler:
         steps: int = 50,
         guidance: float = 7.5,
         scheduler: str = "ddim",
-        resolution: int | None = None,
+        resolution: int = 0,
         batch_size: int = 8,
         mesh: Mesh | None = None,
     ):
@@ -160,12 +144,12 @@ class Sampler:
         if not math.isfinite(guidance):
             raise UserError(f"the guidance scale must be a finite number, got {guidance}")
         self.mesh = parallel.make_mesh() if mesh is None else mesh
-        self.settings = Settings(
+        self.settings = SamplerSettings(
             steps=steps,
             guidance=float(guidance),
             scheduler=scheduler,
             scheduler_config=json.dumps(pipe.scheduler_config, sort_keys=True),
-            latent_shape=latent_size(pipe, resolution),
+            latent_shape=pipe.latent_shape(resolution),
         )
         # Build the schedule now, so an unsupported config or step count fails before any compiling.
         if scheduler == "ddim":
@@ -174,7 +158,7 @@ class Sampler:
             DPMSolverSchedule.from_config(pipe.scheduler_config).coefficients(steps)
         n = self.mesh.devices.size
         self.batch_size = -(-batch_size // n) * n  # a multiple of the device count: every device gets rows
-        self.tokenizer = pipe.tokenizer
+        self.token_ids = pipe.token_ids
         modules = (pipe.unet, pipe.text_encoder, pipe.vae)
         self.graphdefs = tuple(nnx.graphdef(m) for m in modules)
         self.states = parallel.place(tuple(nnx.state(m) for m in modules), self.mesh)
@@ -183,12 +167,6 @@ class Sampler:
     def set_unet(self, unet: nnx.Module) -> None:
         """Samples with these UNet weights from now on (the same architecture: nothing recompiles)."""
         self.states = (parallel.place(nnx.state(unet), self.mesh), *self.states[1:])
-
-    def token_ids(self, prompts: list[str]) -> np.ndarray:
-        tokenizer = self.tokenizer
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-        ).input_ids.astype(np.int32)
 
     def sharded(self, x: np.ndarray) -> jax.Array:
         """A global array sharded over the mesh's data axis from the same host array on every host."""
@@ -232,13 +210,13 @@ class Sampler:
                 mesh=self.mesh,
             )
             if pending is not None:
-                yield fetch(*pending, gather=gather)
+                yield host_rows(*pending, gather=gather)
             pending = (start, len(chunk), out)
         if pending is not None:
-            yield fetch(*pending, gather=gather)
+            yield host_rows(*pending, gather=gather)
 
 
-def fetch(start: int, count: int, out: tuple[jax.Array, jax.Array], *, gather: bool):
+def host_rows(start: int, count: int, out: tuple[jax.Array, jax.Array], *, gather: bool):
     """Host copies of this host's rows of a batch (all rows with `gather`), padding dropped."""
     images, latents = out
     if gather:
@@ -274,7 +252,7 @@ def make_items(prompts: str | Sequence[str], seeds: int | Sequence[int], num_per
     return [Item(p, int(s), i) for p, s in zip(prompts, seeds, strict=True) for i in range(num_per_prompt)]
 
 
-def generate(
+def sample_with_latents(
     pipe: StableDiffusion,
     prompts: str | Sequence[str],
     *,
@@ -305,7 +283,7 @@ def sample(
     steps: int = 50,
     guidance: float = 7.5,
     scheduler: str = "ddim",
-    resolution: int | None = None,
+    resolution: int = 0,
     batch_size: int = 8,
     mesh: Mesh | None = None,
     latents: np.ndarray | None = None,
@@ -314,10 +292,10 @@ def sample(
 
     `seeds`: one for all prompts or one per prompt; image i of a prompt starts from the noise
     normal(fold_in(key(seed), i)), or from `latents` [N, C, h, w] when given. `scheduler` "ddim" or
-    "dpm++" (DPM-Solver++ 2M); `resolution` in pixels (None: the model's native size); `batch_size`
+    "dpm++" (DPM-Solver++ 2M); `resolution` in pixels (0: the model's native size); `batch_size`
     images per compiled call over all devices of `mesh` (default: every device).
     """
-    images, _ = generate(
+    images, _ = sample_with_latents(
         pipe,
         prompts,
         seeds=seeds,

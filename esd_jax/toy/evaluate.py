@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from esd_jax.config import EMBEDDED_NAME, EvaluateConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.pipeline import StableDiffusion
-from esd_jax.sampling.folder import EMBEDDED_SAMPLING, compare_grid
+from esd_jax.sampling.folder import compare_grid
 from esd_jax.sampling.sampler import Sampler, make_items, to_uint8
 from esd_jax.toy import oracle, world
 
@@ -45,15 +46,6 @@ class Prompt:
     text: str
     group: str  # one of GROUPS
     names: tuple[tuple[str, str], ...]  # (attribute, value) pairs the prompt names
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    num_per_prompt: int = 16
-    steps: int = EMBEDDED_SAMPLING["steps"]
-    guidance: float = EMBEDDED_SAMPLING["guidance"]
-    seed: int = 0
-    batch_size: int = 64
 
 
 def parse_concept(text: str) -> Concept:
@@ -129,7 +121,7 @@ def check_model(pipe: StableDiffusion, prompts: list[Prompt]) -> None:
     check_vocabulary(pipe, prompts)
 
 
-def generate(sampler: Sampler, prompts: list[Prompt], settings: Settings) -> np.ndarray:
+def sample_prompts(sampler: Sampler, prompts: list[Prompt], settings: EvaluateConfig) -> np.ndarray:
     """Images [len(prompts), num_per_prompt, H, W, 3] uint8, prompt by prompt."""
     items = make_items([p.text for p in prompts], settings.seed, settings.num_per_prompt)
     images = None
@@ -140,7 +132,7 @@ def generate(sampler: Sampler, prompts: list[Prompt], settings: Settings) -> np.
     return images.reshape(len(prompts), settings.num_per_prompt, *images.shape[1:])
 
 
-def read(images: np.ndarray) -> oracle.Reading:
+def judge(images: np.ndarray) -> oracle.Reading:
     """The oracle's reading of uint8 images [..., H, W, 3], flattened to [N]."""
     flat = images.reshape(-1, *images.shape[-3:]).astype(np.float32) / 127.5 - 1.0
     return oracle.read(flat.transpose(0, 3, 1, 2))
@@ -148,7 +140,7 @@ def read(images: np.ndarray) -> oracle.Reading:
 
 def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict[str, Any]:
     """Per group and per prompt: the concept's rate and the accuracy on each attribute the prompts name."""
-    reading = read(images)
+    reading = judge(images)
     per_image = {a: getattr(reading, a).reshape(len(prompts), -1) for a in ATTRIBUTES}
 
     def stats(indices: list[int]) -> dict[str, Any]:
@@ -170,13 +162,13 @@ def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict
     }
 
 
-def quality(pipe: StableDiffusion, settings: Settings) -> dict[str, Any]:
+def quality(pipe: StableDiffusion, settings: EvaluateConfig) -> dict[str, Any]:
     """The quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
     prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
     prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
     sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
-    reading = read(generate(sampler, [prompt(t, "others") for t in prompts], settings))
+    reading = judge(sample_prompts(sampler, [prompt(t, "others") for t in prompts], settings))
     return {
         "colour": float(np.mean(reading.colour == asked[:, 0])),
         "shape": float(np.mean(reading.shape == asked[:, 1])),
@@ -216,19 +208,20 @@ def evaluate(
     pipe: StableDiffusion,
     concept: Concept,
     erased_unet=None,
-    settings: Settings = Settings(),
+    settings: EvaluateConfig | None = None,
     grid: Path | None = None,
 ) -> dict[str, Any]:
     """Samples every prompt of `concept`'s groups with the base pipeline and, if given, with the erased UNet
     (an nnx module of the same architecture); writes the picture to `grid`; returns the report (`report`)."""
+    settings = EvaluateConfig() if settings is None else settings
     prompts = prompts_for(concept)
     check_model(pipe, prompts)
     sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
-    base = generate(sampler, prompts, settings)
+    base = sample_prompts(sampler, prompts, settings)
     erased = None
     if erased_unet is not None:
         sampler.set_unet(erased_unet)
-        erased = generate(sampler, prompts, settings)
+        erased = sample_prompts(sampler, prompts, settings)
     if grid is not None:
         write_grid(grid, concept, prompts, base, erased)
     measured = {"base": measure(concept, prompts, base)}
@@ -237,7 +230,9 @@ def evaluate(
     return report(concept, prompts, settings, measured)
 
 
-def report(concept: Concept, prompts: list[Prompt], settings: Settings, measured: dict[str, dict]) -> dict[str, Any]:
+def report(
+    concept: Concept, prompts: list[Prompt], settings: EvaluateConfig, measured: dict[str, dict]
+) -> dict[str, Any]:
     """The JSON record: the four headline fractions (None for a model not given), then every group and
     prompt, base and erased."""
     sides = ("base", "erased")
@@ -292,45 +287,31 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def run(
-    *,
-    model: str | None,
-    concept: str | None,
-    workdir: Path | None = None,
-    esd: Path | None = None,
-    json_path: Path | None = None,
-    grid: Path | None = None,
-    settings: Settings = Settings(),
-) -> dict[str, Any]:
+def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
     """What `esd-jax evaluate` does: base against erased (a run's latest checkpoint, or a delta file), a
     table on the terminal, the picture (default: evaluate-<concept>.png in the run's workdir, else here)
-    and, with `json_path`, the report as JSON."""
+    and, with `cfg.json`, the report as JSON."""
     from esd_jax.pipeline import load_pipeline
-    from esd_jax.run import apply_delta, apply_run, read_config
+    from esd_jax.run import apply_erasure, check_erasure, read_config
 
-    if workdir is not None and esd is not None:
-        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
-    if esd is not None and not esd.is_file():
-        raise UserError(f"--esd {esd}: no such file")
-    if settings.num_per_prompt < 1:
-        raise UserError(f"--num_per_prompt must be at least 1, got {settings.num_per_prompt}")
+    cfg.validate()
+    workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
+    check_erasure(workdir, esd)
     run_config = read_config(workdir) if workdir is not None else None
-    if concept is None:
-        concept = run_concept(run_config)
-    parsed = parse_concept(concept)
-    model = model or (run_config.model if run_config is not None else "toy")
-    grid = grid or (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
+    parsed = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
+    model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
+    grid = Path(cfg.grid) if cfg.grid else (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
     pipe = load_pipeline(model)
     check_model(pipe, prompts_for(parsed))  # before the erased model loads or anything is sampled
     erased = None
     if workdir is not None or esd is not None:
         erased = load_pipeline(model)
-        apply_run(erased, workdir) if workdir is not None else apply_delta(erased, esd)
+        apply_erasure(erased, workdir, esd)
         erased = erased.unet
-    result = evaluate(pipe, parsed, erased, settings, grid)
+    result = evaluate(pipe, parsed, erased, cfg, grid)
     print(table(result))
     print(f"picture: {grid}")
-    if json_path is not None:
-        write_json(json_path, result)
-        print(f"report: {json_path}")
+    if cfg.json is not None:
+        write_json(Path(cfg.json), result)
+        print(f"report: {cfg.json}")
     return result

@@ -196,10 +196,7 @@ class Captions:
 
     def __init__(self, pipe: StableDiffusion):
         texts = ["", *world.all_captions()]
-        ids = pipe.tokenizer(
-            texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        self.ids = np.asarray(ids, np.int32)  # [captions, L]
+        self.ids = pipe.token_ids(texts)  # [captions, L]
         self.row = {t: i for i, t in enumerate(texts)}
 
     def __call__(self, captions: list[str]) -> np.ndarray:
