@@ -43,6 +43,7 @@ class EraseConfig:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16; parameters and optimizer state stay float32
     seed: int = 0
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
+    log_every: int = 10  # steps between reads of the metrics from the device (one wait each); rows stay per step
     keep_checkpoints: int = 3
     shard_params: bool = False  # shard frozen weights and optimizer state over the mesh (models too big for a chip)
     workdir: str = "runs/esd"
@@ -67,7 +68,14 @@ class EraseConfig:
             raise bad("erase_from", f"give one prompt, or one per concept ({len(self.concepts)})")
         if self.method not in METHODS:
             raise bad("method", f"unknown method; choose one of {', '.join(METHODS)}")
-        for key in ("iterations", "ddim_steps", "batch_per_device", "checkpoint_every", "keep_checkpoints"):
+        for key in (
+            "iterations",
+            "ddim_steps",
+            "batch_per_device",
+            "checkpoint_every",
+            "log_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be a positive integer")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -104,7 +112,7 @@ class EraseConfig:
 
 
 # Keys that may change between a run and its resumption without changing what it computes.
-RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "keep_checkpoints", "workdir")
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "log_every", "keep_checkpoints", "workdir")
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -36,10 +36,6 @@ def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (AXIS,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
@@ -54,7 +50,7 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
 
 
 def place(tree, mesh: Mesh, *, shard: bool = False):
-    """Puts a pytree of host arrays on the mesh: replicated, or sharded FSDP-style when `shard`."""
+    """Puts a pytree of arrays on the mesh: replicated, or sharded FSDP-style when `shard`."""
     n = mesh.devices.size
 
     def put(x):

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, initial_state, make_train_step
+from esd_jax.esd import Objective, Prompts, TrainState, initial_state, make_train_step
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
-from esd_jax.partition import trainable_filter, trainable_keys
+from esd_jax.partition import trainable_filter
 from esd_jax.pipeline import StableDiffusion, load_pipeline
 from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
@@ -74,16 +74,20 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
     unet = pipe.unet
     del pipe  # the text encoder and VAE are not needed on device from here on
 
-    keys = trainable_keys(unet, cfg.method)
+    kinds = weights.layouts(unet)
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, cfg.method), ...)
     del unet
+    # Copied first: placing on the mesh may keep a device's buffer, and the step donates the trainable ones.
     original = parallel.place(jax.tree.map(jnp.copy, trainable), mesh, shard=cfg.shard_params)
     frozen = parallel.place(frozen, mesh, shard=cfg.shard_params)
     prompts = parallel.place(prompts, mesh)
     optimizer = optax.adam(cfg.learning_rate)
     state = initial_state(trainable, optimizer, cfg.seed)
-    state = dataclasses.replace(
-        parallel.place(state, mesh), opt_state=parallel.place(state.opt_state, mesh, shard=cfg.shard_params)
+    state = TrainState(  # each part placed once, where the step wants it
+        step=parallel.place(state.step, mesh),
+        trainable=parallel.place(state.trainable, mesh),
+        opt_state=parallel.place(state.opt_state, mesh, shard=cfg.shard_params),
+        rng=parallel.place(state.rng, mesh),
     )
 
     if main:
@@ -117,30 +121,47 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
         disable=not main,
         dynamic_ncols=True,
     )
-    try:
-        for step in range(start, cfg.iterations):
-            began = time.perf_counter()
-            new_state, metrics = step_fn(state, frozen, original, prompts)
-            loss, k, finite = jax.device_get((metrics["loss"], metrics["k"], metrics["finite"]))
-            if not finite:
+    pending: list[tuple[int, dict]] = []  # steps whose metrics are still on the device
+    flushed_at = time.perf_counter()
+
+    def flush() -> None:
+        """Reads the pending steps' metrics in one transfer, logs them, and stops at a non-finite one."""
+        nonlocal flushed_at
+        rows = jax.device_get([metrics for _, metrics in pending])
+        seconds = (time.perf_counter() - flushed_at) / len(pending)  # the window's mean; the first holds compiling
+        for (step, _), row in zip(pending, rows, strict=True):
+            if not row["finite"]:
                 # The step donated the last state; the newest checkpoint is the last good one.
                 last = manager.latest_step()
-                what = "loss" if not np.isfinite(loss) else "weights"
+                what = "loss" if not np.isfinite(row["loss"]) else "weights"
                 raise UserError(
-                    f"the {what} became non-finite at step {step + 1} (loss {loss}); stopped, keeping the last "
+                    f"the {what} became non-finite at step {step} (loss {row['loss']}); stopped, keeping the last "
                     f"good checkpoint ({'step ' + str(last) if last is not None else 'none'}): "
                     "try a lower learning_rate"
                 )
-            state = new_state
-            seconds = time.perf_counter() - began
             if log:
-                log.write({"step": step + 1, "loss": float(loss), "k": [int(x) for x in k], "seconds": seconds})
-            bar.set_postfix(loss=f"{float(loss):.3e}")
-            bar.update(1)
-            # Every checkpoint_every steps, and always at the end or on SIGTERM.
-            checkpoints.save(manager, state, force=stop.received or step + 1 == cfg.iterations)
-            if stop.received:
-                break
+                log.write(
+                    {"step": step, "loss": float(row["loss"]), "k": [int(x) for x in row["k"]], "seconds": seconds}
+                )
+        bar.set_postfix(loss=f"{float(rows[-1]['loss']):.3e}")
+        pending.clear()
+        flushed_at = time.perf_counter()
+
+    try:
+        # Every array the loop touches is on the device already: an implicit transfer is a bug.
+        with jax.transfer_guard("disallow"):
+            for step in range(start + 1, cfg.iterations + 1):
+                state, metrics = step_fn(state, frozen, original, prompts)
+                pending.append((step, metrics))
+                bar.update(1)
+                # Every checkpoint_every steps, and always at the end or on SIGTERM; the state is checked first.
+                save = stop.received or step == cfg.iterations or manager.should_save(step)
+                if save or step == start + 1 or len(pending) >= cfg.log_every:
+                    flush()
+                if save:
+                    checkpoints.save(manager, state, force=True)
+                if stop.received:
+                    break
     finally:
         bar.close()
         stop.restore()
@@ -153,6 +174,5 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
         print(f"stopped at step {int(state.step)} of {cfg.iterations} (SIGTERM); the same command resumes")
         return out
     if main:
-        unet = nnx.merge(graphdef, state.trainable, frozen)
-        write_delta(weights.state_dict(unet, keys), out)
+        write_delta(weights.torch_tensors(state.trainable, kinds), out)
     return out

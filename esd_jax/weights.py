@@ -21,7 +21,7 @@ def _key(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _layouts(module: nnx.Module) -> dict[str, type]:
+def layouts(module: nnx.Module) -> dict[str, type]:
     """Key of every weight whose layout differs from PyTorch's -> its layer class."""
     return {_key((*path, "weight")): type(m) for path, m in nnx.iter_modules(module) if isinstance(m, (Linear, Conv2d))}
 
@@ -44,11 +44,17 @@ def to_torch_layout(kind: type | None, x: np.ndarray) -> np.ndarray:
 
 def state_dict(module: nnx.Module, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """The module's parameters (those named in `keys`, or all) as a PyTorch state dict in numpy."""
-    layouts = _layouts(module)
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return torch_tensors(nnx.state(module, nnx.Param), layouts(module), keys)
+
+
+def torch_tensors(
+    state: nnx.State, kinds: Mapping[str, type], keys: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """An NNX state of parameters (a module's, or a subset split from it; those named in `keys`, or all)
+    as a PyTorch state dict in numpy; `kinds` is `layouts()` of the module it belongs to."""
     return {
-        _key(path): np.ascontiguousarray(to_torch_layout(layouts.get(_key(path)), np.asarray(jax.device_get(v[...]))))
-        for path, v in flat
+        _key(path): np.ascontiguousarray(to_torch_layout(kinds.get(_key(path)), np.asarray(jax.device_get(v[...]))))
+        for path, v in nnx.to_flat_state(state)
         if keys is None or _key(path) in keys
     }
 
@@ -59,7 +65,7 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, np.ndarray], *, so
     Every parameter must be present with the shape the module's config implies, and no tensor may
     be left over: a mismatch is a UserError naming `source` and the key.
     """
-    layouts = _layouts(module)
+    kinds = layouts(module)
     flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
     expected = {_key(path): v for path, v in flat}
     missing = sorted(expected.keys() - tensors.keys())
@@ -75,9 +81,9 @@ def load_state_dict(module: nnx.Module, tensors: Mapping[str, np.ndarray], *, so
             "is this checkpoint for a different architecture?"
         )
     for key, var in expected.items():
-        value = from_torch_layout(layouts.get(key), np.asarray(tensors[key]))
+        value = from_torch_layout(kinds.get(key), np.asarray(tensors[key]))
         if value.shape != var.shape:
-            torch_shape = to_torch_layout(layouts.get(key), np.empty(var.shape)).shape
+            torch_shape = to_torch_layout(kinds.get(key), np.empty(var.shape)).shape
             raise UserError(
                 f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config implies {torch_shape}"
             )

@@ -12,11 +12,11 @@ from jax.sharding import Mesh
 
 import esd_jax
 from conftest import perturb
-from esd_jax import weights
+from esd_jax import parallel, weights
 from esd_jax.esd import Objective, Prompts, TrainState, esd_loss, esd_target, make_train_step, partial_sample
 from esd_jax.partition import trainable_filter, trainable_keys
 from esd_jax.schedulers import NoiseSchedule
-from esd_jax.train import encode_prompts
+from esd_jax.train import encode
 
 
 def rel_err(a, b) -> float:
@@ -141,6 +141,10 @@ def test_partial_ddim_matches_diffusers_stepping(sd1):
         assert rel_err(x_t[b], captured[k][b].numpy()) <= 1e-4, k
 
 
+def encode_prompts(pipe, texts: list[str]) -> jax.Array:
+    return encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
+
+
 def run_steps(
     pipe,
     mesh: Mesh,
@@ -169,10 +173,12 @@ def run_steps(
         mesh,
         batch_per_device,
     )
+    state, frozen, original, prompts = parallel.place((state, frozen, original, prompts), mesh)
     losses = []
-    for _ in range(steps):
-        state, metrics = step(state, frozen, original, prompts)
-        losses.append(float(metrics["loss"]))
+    with jax.transfer_guard("disallow"):  # as in the erase loop: the step's arrays all live on the devices
+        for _ in range(steps):
+            state, metrics = step(state, frozen, original, prompts)
+            losses.append(float(jax.device_get(metrics["loss"])))
     return losses, state, frozen, metrics
 
 
@@ -208,3 +214,16 @@ def test_training_moves_trainable_weights_only(sd1, xt_model):
             assert not np.array_equal(after[key], value), key
         else:
             assert np.array_equal(after[key], value), key
+
+
+def test_the_step_traces_once_and_moves_no_data_implicitly(sd1, monkeypatch):
+    """Three steps of the compiled step: one trace, and (run_steps' guard, as the erase loop's) no implicit
+    host <-> device copy."""
+    import chex
+
+    from esd_jax import esd
+
+    _, _, pipe = sd1
+    monkeypatch.setattr(esd, "local_loss_and_grads", chex.assert_max_traces(esd.local_loss_and_grads, n=1))
+    losses, *_ = run_steps(pipe, Mesh(np.asarray(jax.devices()[:4]), ("data",)), 1, steps=3)
+    assert len(losses) == 3 and all(np.isfinite(losses))
