@@ -112,7 +112,7 @@ def plot(rows: list[dict], concept: str, out: Path) -> None:
     ax.scatter([100], [rows[0]["concept_rate_base"]], marker="*", s=200, c="k", label="base model", zorder=3)
     if rows[0]["attribute"] == "colour":
         ax.axhline(0.1, ls="--", c="grey", lw=1)
-        ax.axvline(90, ls="--", c="grey", lw=1, label="issue 5's target for a colour: rate <= 0.1, 90% kept")
+        ax.axvline(90, ls="--", c="grey", lw=1, label="the target for a colour: rate <= 0.1, 90% kept")
     ax.set_xlabel(f"other {rows[0]['attribute']}s' accuracy kept (% of the base model's)")
     ax.set_ylabel(f"rate of {concept} on prompts naming it")
     ax.set_ylim(-0.05, 1.05)

@@ -3,7 +3,7 @@
     python scripts/toy_quality.py --guidance 2,3,4 --num-per-prompt 64
 
 Prints, per guidance, the colour and shape accuracy over the 12 "a {colour} {shape}" prompts and the
-shape confusion (what the oracle read for each prompted shape); issue 5's gate is colour >= 0.9 and
+shape confusion (what the oracle read for each prompted shape); the quality gate is colour >= 0.9 and
 shape >= 0.8 at 64 images per prompt.
 """
 

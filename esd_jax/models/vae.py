@@ -292,12 +292,15 @@ class AutoencoderKL(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = config
-        self.scaling_factor = config.scaling_factor
         self.encoder = Encoder(config, **kw)
         self.decoder = Decoder(config, **kw)
         c = config.latent_channels
         self.quant_conv = Conv2d(2 * c, 2 * c, 1, **kw) if config.use_quant_conv else None
         self.post_quant_conv = Conv2d(c, c, 1, **kw) if config.use_post_quant_conv else None
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images [B, C, H, W] -> (mean, logvar), each [B, latent, H / f, W / f], before `scaling_factor`."""

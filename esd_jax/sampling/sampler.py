@@ -117,6 +117,7 @@ def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: 
         mesh=mesh,
         in_specs=(P(), P(AXIS), P(), P(AXIS)),
         out_specs=(P(AXIS), P(AXIS)),
+        # As in the ESD step: replicated weights meet each device's own rows inside the sampling loop.
         check_vma=False,
     )(states, cond_ids, null_ids, latents)
 

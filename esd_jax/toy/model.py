@@ -1,6 +1,6 @@
 """The toy pipeline's architecture: Stable Diffusion's UNet, VAE and CLIP text encoder at tiny sizes.
 
-The sizes follow the experiment in issue 5 that learnt the world in 45 minutes on 2 CPU cores: a UNet
+The sizes follow a first experiment that learnt the world in 45 minutes on 2 CPU cores: a UNet
 with block_out_channels (32, 64, 64), one layer per block and cross-attention in the two lower
 resolutions; a CLIP text encoder of width 64 and 2 layers over the world's words, one token each; and a
 KL autoencoder of widths (16, 32) that halves 32x32 images to 16x16x4 latents (the experiment's fixed
@@ -139,5 +139,6 @@ class Networks(nnx.Module):
 
 
 def set_scaling_factor(pipe: StableDiffusion, scaling_factor: float) -> None:
+    """The VAE's config, which its module reads, and the config.json a save writes."""
+    pipe.vae.config = dataclasses.replace(pipe.vae.config, scaling_factor=scaling_factor)
     pipe.configs["vae"]["scaling_factor"] = scaling_factor
-    pipe.vae.scaling_factor = scaling_factor

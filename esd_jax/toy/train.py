@@ -35,8 +35,8 @@ from esd_jax.toy.model import SCHEDULER, Networks, ToyModel, build, set_scaling_
 class TrainToyConfig:
     """Every setting of a toy training run; the defaults train the shipped model.
 
-    The UNet stage follows issue 5's experiment except for two settings that learn the shapes in about
-    half the steps: a learning rate of 1e-3 rather than 5e-4, and min-SNR loss weighting."""
+    The UNet stage follows that first experiment (esd_jax/toy/model.py) except for two settings that learn
+    the shapes in about half the steps: a learning rate of 1e-3 rather than 5e-4, and min-SNR loss weighting."""
 
     seed: int = 0
     model: ToyModel = ToyModel()
