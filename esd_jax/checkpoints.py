@@ -35,14 +35,12 @@ def checkpoint_folder(workdir: Path) -> Path:
 
 
 def latest_step(workdir: Path) -> int | None:
-    """The newest saved step in `workdir`, read without restoring anything."""
-    if not checkpoint_folder(workdir).is_dir():
-        return None
-    manager = open_manager(workdir, read_only=True)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
+    """The newest saved step in `workdir`, from the folder's listing alone: Orbax names a checkpoint by its
+    step only once it is complete, and no manager is opened (on a pod that would be a collective, which
+    hosts could reach in different numbers)."""
+    folder = checkpoint_folder(workdir)
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()] if folder.is_dir() else []
+    return max(steps, default=None)
 
 
 def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:

@@ -137,3 +137,14 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fingerprint(folder: Path) -> list[list]:
+    """[relative path, size, mtime_ns] of every file under `folder` (links followed, hidden names left out):
+    a change to any of them shows, without hashing gigabytes of weights."""
+    found = sorted(
+        p for p in folder.rglob("*") if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    return [
+        [p.relative_to(folder).as_posix(), s.st_size, s.st_mtime_ns] for p in found if p.is_file() for s in [p.stat()]
+    ]

@@ -82,7 +82,7 @@ def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_pr
     concept, settings = ev.parse_concept("red"), EvaluateConfig(num_per_prompt=8)
     prompts = ev.prompts_for(concept)
     sampler = Sampler(erased, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
-    groups = ev.measure(concept, prompts, ev.generate(sampler, prompts, settings))["groups"]
+    groups = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))["groups"]
     record_property("groups", groups)
     assert groups["concept"]["concept_rate"] <= 0.1
     assert groups["others"]["accuracy"]["colour"] >= 0.85
