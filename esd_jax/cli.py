@@ -140,12 +140,18 @@ def check_config_file(argv: list[str]) -> None:
     names = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
     names += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
     if not names:
+        if any(a.startswith("--config.") for a in args):
+            raise UserError(
+                f"give a config file before its overrides: {argv[0]} --config configs/esd_x.py --config.KEY=VALUE"
+            )
         return
     name, *argument = names[-1].split(":", 1)  # config_flags passes "file.py:argument" to get_config
     path = Path(name)
     layout = "configs/ holds esd_x.py, esd_x_strict.py, esd_u.py, esd_all.py and toy.py"
     if not path.is_file():
         raise UserError(f"cannot load the config file {str(path)!r}: no such file; {layout}")
+    if path.suffix != ".py":
+        raise UserError(f"the config file {str(path)!r} is not a Python file (.py) with get_config(); {layout}")
     try:
         spec = importlib.util.spec_from_file_location("esd_jax_user_config", path)
         module = importlib.util.module_from_spec(spec)
@@ -165,11 +171,16 @@ def parse(fv: flags.FlagValues, argv: list[str]) -> None:
         print(f"usage: {argv[0]} [--flags]\n\n{fv.get_help(include_special_flags=False)}")
         sys.exit(0)
     try:
-        fv(argv)
+        extra = fv(argv)[1:]
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections reports an override of an unknown key as AttributeError/KeyError.
         message = str(e).strip("\"'").splitlines()[0]
         raise UserError(f"bad flag or config override ({message}); see `{argv[0]} --help`") from None
+    if extra:
+        raise UserError(
+            f"unexpected argument {extra[0]!r}: every value follows a flag, and one with spaces is quoted "
+            f"(--prompt 'a red car', --config.concept='Van Gogh'); see `{argv[0]} --help`"
+        )
 
 
 def usage() -> str:
@@ -186,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[1]
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax and JAX log routine events at INFO and WARNING
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        print(
+            f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)} (esd-jax --help)", file=sys.stderr
+        )
         return 2
     try:
         COMMANDS[command][0]([f"esd-jax {command}", *argv[2:]])

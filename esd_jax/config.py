@@ -6,7 +6,6 @@ command line's ConfigDict back into the dataclass and says what is wrong with it
 """
 
 import dataclasses
-import math
 from pathlib import Path
 
 import ml_collections
@@ -22,6 +21,10 @@ FLOAT16_NOTE = " (float16 underflows the ESD gradients; bfloat16 has float32's r
 # The model that ships inside esd-jax (esd_jax/toy/pipeline, trained by esd_jax.toy.train).
 EMBEDDED_NAME = "toy"
 MAX_SEED = 2**32 - 1  # seeds are uint32: jax.random.key's range
+FLOAT32_MAX = 3.4028234e38
+# Four times SDXL's side: past it an image's latents and attention do not fit any accelerator.
+MAX_RESOLUTION = 4096
+MAX_IMAGES_PER_PROMPT = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,10 @@ class EraseConfig:
         unknown = sorted(values.keys() - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise UserError(f"unknown config key {unknown[0]!r}; see `esd-jax erase --help`")
+        model = Path(str(values.get("model", ""))).expanduser()
+        if values.get("model") not in ("", EMBEDDED_NAME) and model.exists():
+            # A run's model as an absolute folder: it resumes, samples and exports from any directory.
+            values["model"] = str(model.resolve())
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -64,6 +71,12 @@ class EraseConfig:
 
         if not self.concepts or any(not c for c in self.concepts):
             raise bad("concept", "give the concept to erase, e.g. --config.concept='Van Gogh' (several: 'a|b')")
+        if not self.model.strip():
+            raise bad("model", "give a diffusers folder, a hub id, or toy")
+        if self.erase_from and any(not f for f in self.erase_froms):
+            raise bad(
+                "erase_from", "an erase-from prompt is empty; give one prompt, or one per concept, each non-empty"
+            )
         if self.erase_from and len(self.erase_froms) not in (1, len(self.concepts)):
             raise bad("erase_from", f"give one prompt, or one per concept ({len(self.concepts)})")
         if self.method not in METHODS:
@@ -78,17 +91,18 @@ class EraseConfig:
         ):
             if getattr(self, key) <= 0:
                 raise bad(key, "must be a positive integer")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+        # Float32 is what the step computes in: a value past its range is infinite there.
+        if not (0 < self.learning_rate < FLOAT32_MAX):
             raise bad("learning_rate", "must be a positive finite number (the paper's: 1e-5)")
         # eta < 0 would pull the model towards the concept; guidance < 0 samples away from it.
-        if not (math.isfinite(self.negative_guidance) and self.negative_guidance >= 0):
+        if not (0 <= self.negative_guidance < FLOAT32_MAX):
             raise bad("negative_guidance", "eta must be a finite number >= 0 (the paper's: 1)")
-        if not (math.isfinite(self.start_guidance) and self.start_guidance >= 0):
+        if not (0 <= self.start_guidance < FLOAT32_MAX):
             raise bad("start_guidance", "the guidance scale must be a finite number >= 0 (the paper's: 3)")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"seeds are 32-bit: 0..{MAX_SEED} (jax.random.key takes no more)")
-        if self.resolution < 0:
-            raise bad("resolution", "must be a positive number of pixels, or 0 for the model's native size")
+        if not 0 <= self.resolution <= MAX_RESOLUTION:
+            raise bad("resolution", f"give a number of pixels up to {MAX_RESOLUTION}, or 0 for the model's native size")
         if self.xt_model not in ("frozen", "trainable"):
             raise bad("xt_model", "choose 'frozen' or 'trainable'")
         if self.dtype not in TRAIN_DTYPES:
@@ -132,9 +146,14 @@ SCHEDULERS = ("ddim", "dpm++")
 SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_finite(name: str, value: float | None) -> None:
-    if value is not None and not math.isfinite(value):
-        raise UserError(f"--{name} {value}: give a finite number")
+def check_guidance(value: float | None) -> None:
+    if value is not None and not 0 <= value < FLOAT32_MAX:
+        raise UserError(f"--guidance {value}: give a finite number >= 0 (1: no guidance)")
+
+
+def check_images_per_prompt(n: int) -> None:
+    if n > MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--num_per_prompt {n}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,11 +192,15 @@ class SampleConfig:
                 raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
-        check_finite("guidance", self.guidance)
+        check_guidance(self.guidance)
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED}")
-        if self.resolution < 0:
-            raise UserError(f"--resolution {self.resolution}: give a number of pixels, or 0 for the native size")
+        if not 0 <= self.resolution <= MAX_RESOLUTION:
+            raise UserError(
+                f"--resolution {self.resolution}: give a number of pixels up to {MAX_RESOLUTION}, "
+                "or 0 for the native size"
+            )
+        check_images_per_prompt(self.num_per_prompt)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.dtype not in SAMPLE_DTYPES:
@@ -212,6 +235,7 @@ class EvaluateConfig:
         for key in ("num_per_prompt", "steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        check_finite("guidance", self.guidance)
+        check_guidance(self.guidance)
         if not 0 <= self.seed <= MAX_SEED:
             raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED}")
+        check_images_per_prompt(self.num_per_prompt)

@@ -1,6 +1,7 @@
 """Erased weights back to PyTorch: the official ESD delta file, a diffusers folder, a single file."""
 
 import json
+import os
 from pathlib import Path
 
 from esd_jax.errors import UserError
@@ -27,7 +28,8 @@ def export_run(workdir: Path, out: Path, *, step: int | None = None, fmt: str = 
     if fmt == "single-file" and out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
     cfg = read_config(workdir)
-    check_out(out, {"the run's checkpoints": Path(workdir) / "checkpoints", "the run's base model": locate(cfg.model)})
+    protected = {"the run's checkpoints": Path(workdir) / "checkpoints", "the run's base model": locate(cfg.model)}
+    check_out(out, protected, workdir, fmt)
     pipe, _, restored = apply_run(None, workdir, step=step)
     stamp = {"workdir": str(Path(workdir).absolute()), "step": restored}
     if fmt == "diffusers":
@@ -37,7 +39,7 @@ def export_run(workdir: Path, out: Path, *, step: int | None = None, fmt: str = 
     return out
 
 
-def check_out(out: Path, keep: dict[str, Path]) -> None:
+def check_out(out: Path, keep: dict[str, Path], workdir: Path, fmt: str) -> None:
     """Refuses an `out` that would replace or sit inside one of the folders in `keep`, or an existing
     output that esd-jax export did not write."""
     target = out.resolve()
@@ -45,12 +47,34 @@ def check_out(out: Path, keep: dict[str, Path]) -> None:
         folder = folder.resolve()
         if target == folder or folder.is_relative_to(target) or target.is_relative_to(folder):
             raise UserError(f"--out {out} would write over {what} ({folder}); choose an output outside it")
-    if out.is_dir() and any(out.iterdir()) and not (out / STAMP).is_file():
-        raise UserError(
-            f"--out {out} is a folder esd-jax export did not write (no {STAMP}); choose a new or empty folder"
-        )
-    if out.is_file() and "esd_jax_export" not in safetensors_metadata(out):
-        raise UserError(f"--out {out} is a file esd-jax export did not write; choose a new file name")
+    if fmt == "diffusers" and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; a diffusers export is a folder: choose a folder name")
+    if fmt != "diffusers" and out.is_dir():
+        raise UserError(f"--out {out} is a folder; a single-file export is a .safetensors file: choose a file name")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / STAMP).is_file():
+            raise UserError(
+                f"--out {out} is a folder esd-jax export did not write (no {STAMP}); choose a new or empty folder"
+            )
+        check_same_workdir(out, json.loads((out / STAMP).read_text()).get("workdir"), workdir)
+    if out.is_file():
+        stamp = safetensors_metadata(out).get("esd_jax_export")
+        if stamp is None:
+            raise UserError(f"--out {out} is a file esd-jax export did not write; choose a new file name")
+        check_same_workdir(out, json.loads(stamp).get("workdir"), workdir)
+    parent = out.absolute().parent
+    try:  # before anything is loaded: the folder the output goes to can be made
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+
+
+def check_same_workdir(out: Path, exported_from: str | None, workdir: Path) -> None:
+    """An earlier export of another run may be that run's base model by now: only this run's is replaced."""
+    if exported_from != str(Path(workdir).absolute()):
+        raise UserError(f"--out {out} holds an export of another run ({exported_from}); choose a new output")
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -7,6 +7,7 @@
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -19,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from esd_jax import weights
+from esd_jax import files, weights
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
+
+MODEL_FILES = "model-files.json"  # the base model's files as they were when the run began
 
 
 def make_workdir(workdir: Path) -> None:
@@ -91,6 +94,45 @@ def check_same_run(workdir: Path, settings: dict[str, Any], resumable: tuple[str
 def write_settings(workdir: Path, settings: dict[str, Any]) -> None:
     with atomic_file(workdir / "config.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def check_apart_from_model(workdir: Path, model_folder: Path) -> None:
+    """Refuses a workdir that is (or holds, or sits in) the base model's folder, or any diffusers model's."""
+    folder = model_folder.resolve()
+    here = workdir.resolve()
+    if here == folder or folder.is_relative_to(here) or here.is_relative_to(folder):
+        raise UserError(f"workdir {workdir} would mix the run with the base model's folder {folder}; use another")
+    if (workdir / "model_index.json").exists():
+        raise UserError(f"workdir {workdir} holds a diffusers model (model_index.json); use another --config.workdir")
+
+
+def check_erase_workdir(workdir: Path, cfg, resumable: tuple[str, ...], model_folder: Path) -> None:
+    """Refuses a workdir whose checkpoints were made with other settings or from a base model whose files
+    have changed since."""
+    from esd_jax import checkpoints
+
+    folder = model_folder.resolve()
+    if checkpoints.latest_step(workdir) is None:
+        return  # nothing to resume: a config.json left by a run that never saved is replaced
+    saved = read_settings(workdir / "config.json")
+    if saved is None or "concept" not in saved:
+        raise UserError(
+            f"workdir {workdir} holds checkpoints but no esd-jax run's config.json; use another --config.workdir"
+        )
+    check_same_run(workdir, dataclasses.asdict(cfg), resumable)
+    then = read_settings(workdir / MODEL_FILES)
+    if then is not None and then["files"] != (now := files.fingerprint(model_folder)):
+        changed = next(iter(sorted({tuple(f) for f in then["files"]} ^ {tuple(f) for f in now})))[0]
+        raise UserError(
+            f"the base model's file {folder / changed} changed since this run began, so its checkpoints no "
+            f"longer fit it; restore the model, or start the run anew in another workdir"
+        )
+
+
+def write_model_files(workdir: Path, model_folder: Path) -> None:
+    """What the base model's files were when the run began, so a resumption can tell they are the same."""
+    with atomic_file(workdir / MODEL_FILES) as tmp:
+        tmp.write_text(json.dumps({"folder": str(model_folder.resolve()), "files": files.fingerprint(model_folder)}))
 
 
 class StopSignal:
@@ -169,8 +211,10 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
     try:
         saved = manager.all_steps()
         step = manager.latest_step() if step is None else step
+        if not saved:
+            raise UserError(f"{workdir}: the run has saved no checkpoint yet; let it reach one (checkpoint_every)")
         if step not in saved:
-            listed = ", ".join(map(str, sorted(saved))) or "none yet"
+            listed = ", ".join(map(str, sorted(saved)))
             raise UserError(f"{workdir}: no checkpoint for step {step}; saved steps: {listed}")
         try:
             with checkpoints.quiet_stderr():
@@ -208,6 +252,13 @@ def apply_erasure(pipe, workdir: Path | None, esd: Path | None, *, step: int | N
 def apply_delta(pipe, path: Path) -> None:
     """Loads an official-format ESD delta (a subset of the UNet's weights, diffusers keys) into `pipe.unet`."""
     tensors = weights.read_safetensors(path)
+    import jax.numpy as jnp
+
+    for key, value in tensors.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 included, which numpy does not know
+            raise UserError(f"{path}: {key!r} holds {value.dtype} numbers, not weights; is this an ESD delta file?")
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise UserError(f"{path}: {key!r} holds non-finite values (nan or inf); the erase that wrote it diverged")
     current = weights.state_dict(pipe.unet)
     unknown = sorted(tensors.keys() - current.keys())
     if unknown:

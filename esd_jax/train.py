@@ -23,7 +23,7 @@ from esd_jax.esd import Objective, Prompts, TrainState, initial_state, make_trai
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
-from esd_jax.pipeline import StableDiffusion, load_pipeline
+from esd_jax.pipeline import StableDiffusion, load_pipeline, locate
 from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
 
@@ -46,13 +46,23 @@ def erase(cfg: EraseConfig) -> Path:
     parallel.initialize_distributed()
     workdir = Path(cfg.workdir).absolute()
     main = parallel.is_main_process()
+    model_folder = locate(cfg.model)
+    run.check_apart_from_model(workdir, model_folder)
     with run.locked(workdir) if main else contextlib.nullcontext():
-        return erase_locked(cfg, workdir, main)
+        try:
+            return erase_locked(cfg, workdir, main, model_folder)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise UserError(
+                f"out of device memory at batch_per_device={cfg.batch_per_device}, resolution={cfg.resolution} "
+                "(0: native); lower them, or set shard_params=True on several devices"
+            ) from None
 
 
-def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
+def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path) -> Path:
     settings = dataclasses.asdict(cfg)
-    run.check_same_run(workdir, settings, RESUMABLE_CHANGES)
+    run.check_erase_workdir(workdir, cfg, RESUMABLE_CHANGES, model_folder)
     # What can fail at the end fails now, before the run's work: the delta's name on this file system,
     # and a workdir already past the iterations asked for.
     out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
@@ -92,6 +102,8 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
 
     if main:
         run.write_settings(workdir, settings)
+        if checkpoints.latest_step(workdir) is None:
+            run.write_model_files(workdir, model_folder)
     state = checkpoints.restore_latest(workdir, state, main=main)
     manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = int(state.step)
@@ -137,7 +149,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool) -> Path:
                 raise UserError(
                     f"the {what} became non-finite at step {step} (loss {row['loss']}); stopped, keeping the last "
                     f"good checkpoint ({'step ' + str(last) if last is not None else 'none'}): "
-                    "try a lower learning_rate"
+                    "try a lower learning_rate (or negative_guidance)"
                 )
             if log:
                 log.write(

@@ -1,5 +1,7 @@
 """Exports never write over the run, the base model or anything esd-jax export did not write itself."""
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -77,3 +79,31 @@ def test_only_an_earlier_export_is_replaced(run, tmp_path):
     single = tmp_path / "erased.safetensors"
     export_run(workdir, single, fmt="single-file")
     export_run(workdir, single, fmt="single-file")  # its own file is replaced
+
+
+def test_exports_of_other_runs_and_impossible_outputs_are_refused_before_loading(run, tmp_path, sd1_folder):
+    workdir, _ = run
+    other = tmp_path / "other-run-export"
+    other.mkdir()
+    (other / STAMP).write_text('{"workdir": "/somewhere/else", "step": 1}')
+    with pytest.raises(UserError, match="holds an export of another run"):
+        export_run(workdir, other)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot create"):
+        export_run(workdir, blocker / "sub" / "out")
+    with pytest.raises(UserError, match="is a file; a diffusers export is a folder"):
+        export_run(workdir, blocker)
+
+
+def test_a_resumption_from_a_changed_base_model_is_refused(run):
+    workdir, model = run
+    changed = model / "scheduler" / "scheduler_config.json"
+    before = changed.stat()
+    os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        values = json.loads((workdir / "config.json").read_text()) | {"iterations": 3}
+        with pytest.raises(UserError, match=f"the base model's file {changed} changed since this run began"):
+            erase(EraseConfig(**values))
+    finally:
+        os.utime(changed, ns=(before.st_atime_ns, before.st_mtime_ns))

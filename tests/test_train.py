@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -230,7 +233,12 @@ def test_a_workdir_in_use_is_refused_naming_the_process(sd1_folder, tmp_path):
     "setup, message",
     [
         (lambda w: w.write_text("x"), "is a file, not a folder; choose another --config.workdir"),
-        (lambda w: (w.mkdir(), (w / "config.json").write_text('{"model": "m", "conc')), "config.json is damaged"),
+        (
+            lambda w: ((w / "checkpoints" / "2").mkdir(parents=True), (w / "config.json").write_text('{"model": "m"')),
+            "config.json is damaged",
+        ),
+        (lambda w: (w / "checkpoints" / "2").mkdir(parents=True), "holds checkpoints but no esd-jax run's config"),
+        (lambda w: (w.mkdir(), (w / "model_index.json").write_text("{}")), "holds a diffusers model"),
         (lambda w: (w.mkdir(), (w / "checkpoints").write_text("x")), "is a file, not Orbax's checkpoint folder"),
     ],
 )
@@ -273,11 +281,16 @@ def test_delta_names_stay_within_file_system_limits():
         ({"start_guidance": float("nan")}, "config.start_guidance=nan: the guidance scale must be a finite"),
         ({"seed": 2**40}, "config.seed=1099511627776: seeds are 32-bit: 0..4294967295"),
         ({"dtype": "float16"}, "config.dtype='float16': choose one of float32, bfloat16 (float16 underflows"),
+        ({"learning_rate": 1e39}, "config.learning_rate=1e+39: must be a positive finite number"),
+        ({"negative_guidance": 1e39}, "config.negative_guidance=1e+39: eta must be a finite number >= 0"),
+        ({"erase_from": "a|"}, "config.erase_from='a|': an erase-from prompt is empty"),
+        ({"model": " "}, "config.model=' ': give a diffusers folder, a hub id, or toy"),
+        ({"resolution": 5000}, "config.resolution=5000: give a number of pixels up to 4096"),
         ({"erase_from": "a|b|c"}, "give one prompt, or one per concept (2)"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(message)):
         config(**(settings(Path("m"), Path("w")) | overrides))
 
 
@@ -325,3 +338,38 @@ def test_config_files_that_do_not_load_get_one_line(tmp_path, capsys, text, mess
     assert main(["esd-jax", "erase", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_local_model_is_stored_as_an_absolute_folder(sd1_folder, monkeypatch):
+    monkeypatch.chdir(sd1_folder.parent)
+    assert config(**settings(Path(sd1_folder.name), Path("w"))).model == str(sd1_folder.resolve())
+    assert config(**settings(Path("toy"), Path("w"))).model == "toy"
+
+
+@pytest.mark.parametrize("inside", ["", "unet"])
+def test_a_workdir_in_the_model_folder_is_refused(sd1_folder, tmp_path, inside):
+    model = tmp_path / "model"
+    shutil.copytree(sd1_folder, model)
+    before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
+    with pytest.raises(UserError, match="would mix the run with the base model's folder"):
+        erase(config(**settings(model, model / inside)))
+    assert {p: p.stat().st_mtime_ns for p in model.rglob("*") if p.name != ".lock"} == before
+
+
+def test_out_of_memory_is_one_line(sd1_folder, tmp_path, monkeypatch):
+    from esd_jax import train
+
+    def exhausted(*args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 TiB.")
+
+    monkeypatch.setattr(train, "erase_locked", exhausted)
+    with pytest.raises(UserError, match="out of device memory at batch_per_device=1, resolution=0"):
+        erase(config(**settings(sd1_folder, tmp_path)))
+
+
+def test_stray_arguments_and_unknown_commands_are_refused(capsys):
+    assert main(["esd-jax", "info", "--model", "toy", "extra"]) == 2
+    assert "unexpected argument 'extra'" in capsys.readouterr().err
+    assert main(["esd-jax", "frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown command 'frobnicate'; choose one of erase" in err
