@@ -43,6 +43,9 @@ class EraseConfig:
     resolution: int = 0  # image side in pixels; 0: the model's native resolution (512 for SD 1.x)
     batch_per_device: int = 1  # the paper trains on one sample per step
     xt_model: str = "frozen"  # which model samples x_t: "frozen" (official diffusers code) or "trainable" (paper)
+    # The fast mode: > 0 samples this many frozen-model trajectories once and trains on the (x_t, target)
+    # pairs at their every step (esd_jax/trajectories.py); 0 samples a partial trajectory per iteration.
+    trajectories: int = 0
     dtype: str = "float32"  # compute dtype: float32 or bfloat16; parameters and optimizer state stay float32
     seed: int = 0
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
@@ -105,6 +108,12 @@ class EraseConfig:
             raise bad("resolution", f"give a number of pixels up to {MAX_RESOLUTION}, or 0 for the model's native size")
         if self.xt_model not in ("frozen", "trainable"):
             raise bad("xt_model", "choose 'frozen' or 'trainable'")
+        if self.trajectories < 0:
+            raise bad("trajectories", "give a number of trajectories to cache, or 0 for the per-iteration recipe")
+        if self.trajectories and self.xt_model == "trainable":
+            raise bad(
+                "trajectories", "the trained model's trajectories change every step: cache only with xt_model='frozen'"
+            )
         if self.dtype not in TRAIN_DTYPES:
             raise bad(
                 "dtype", f"choose one of {', '.join(TRAIN_DTYPES)}{FLOAT16_NOTE if self.dtype == 'float16' else ''}"

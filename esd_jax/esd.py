@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
+from esd_jax.trajectories import pair_draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +160,18 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     batch_per_device: int,
+    trajectories: int = 0,
 ):
-    """The jit-compiled step (state, frozen, original, prompts) -> (state, metrics).
+    """The jit-compiled step (state, frozen, original, prompts[, cache]) -> (state, metrics).
 
     Inside a shard_map every device samples and differentiates its own share of the batch (so its
     sampling loop runs only as long as its own k needs); gradients are averaged over the mesh, and
-    the optax update runs on the (replicated or sharded) optimizer state outside it.
+    the optax update runs on the (replicated or sharded) optimizer state outside it. With
+    `trajectories` > 0 the pairs come from the fast mode's cache (esd_jax.trajectories) instead, and
+    each device runs only the trained model's forward and backward.
     """
     global_batch = batch_per_device * mesh.devices.size
+    timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
 
     def local(trainable, frozen, original, prompts, k, concept, noise_keys):
         loss, grads = local_loss_and_grads(
@@ -174,22 +179,36 @@ def make_train_step(
         )
         return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
 
+    def local_cached(trainable, frozen, prompts, x_t, t, concept, target):
+        f = prompts.erase_from[concept] if objective.erase_from else prompts.concept[concept]
+        loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
+        return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+
+    # The replicated weights meet each device's own samples inside lax loops; JAX's varying-axis check
+    # would want every such use marked with lax.pvary, which would say nothing the specs do not.
+    batch = P(AXIS)
     sharded = jax.shard_map(
-        local,
+        local, mesh=mesh, in_specs=(P(), P(), P(), P(), batch, batch, batch), out_specs=(P(), P()), check_vma=False
+    )
+    sharded_cached = jax.shard_map(
+        local_cached,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+        in_specs=(P(), P(), P(), batch, batch, batch, batch),
         out_specs=(P(), P()),
-        # The replicated weights meet each device's own samples inside lax loops; JAX's varying-axis check
-        # would want every such use marked with lax.pvary, which would say nothing the specs do not.
         check_vma=False,
     )
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def step(state: TrainState, frozen, original, prompts: Prompts):
-        k, concept, noise_keys = sample_draws(
-            state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
-        )
-        loss, grads = sharded(state.trainable, frozen, original, prompts, k, concept, noise_keys)
+    def step(state: TrainState, frozen, original, prompts: Prompts, cache=None):
+        if cache is None:
+            k, concept, noise_keys = sample_draws(
+                state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
+            )
+            loss, grads = sharded(state.trainable, frozen, original, prompts, k, concept, noise_keys)
+        else:
+            j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch)
+            x_t, target = cache.x_t[j, k], cache.target[j, k]
+            loss, grads = sharded_cached(state.trainable, frozen, prompts, x_t, timesteps[k], cache.concept[j], target)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)

@@ -26,6 +26,7 @@ from esd_jax.partition import trainable_filter
 from esd_jax.pipeline import StableDiffusion, load_pipeline, locate
 from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
+from esd_jax.trajectories import make_trajectory_sampler
 
 
 @nnx.jit
@@ -76,6 +77,12 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
             "--step N` for an earlier checkpoint"
         )
     mesh = parallel.make_mesh()
+    global_batch = cfg.batch_per_device * mesh.devices.size
+    if cfg.trajectories and cfg.trajectories * cfg.ddim_steps < global_batch:
+        raise UserError(
+            f"config.trajectories={cfg.trajectories}: {cfg.trajectories * cfg.ddim_steps} pairs, fewer than one "
+            f"step's batch of {global_batch}; cache more trajectories"
+        )
 
     pipe = load_pipeline(cfg.model, dtype=cfg.dtype)
     shape = pipe.latent_shape(cfg.resolution)
@@ -108,21 +115,24 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = int(state.step)
 
-    step_fn = make_train_step(
-        graphdef,
-        schedule,
-        Objective(
-            negative_guidance=cfg.negative_guidance,
-            start_guidance=cfg.start_guidance,
-            ddim_steps=cfg.ddim_steps,
-            xt_model=cfg.xt_model,
-            latent_shape=shape,
-            erase_from=bool(cfg.erase_from),
-        ),
-        optimizer,
-        mesh,
-        cfg.batch_per_device,
+    objective = Objective(
+        negative_guidance=cfg.negative_guidance,
+        start_guidance=cfg.start_guidance,
+        ddim_steps=cfg.ddim_steps,
+        xt_model=cfg.xt_model,
+        latent_shape=shape,
+        erase_from=bool(cfg.erase_from),
     )
+    step_fn = make_train_step(
+        graphdef, schedule, objective, optimizer, mesh, cfg.batch_per_device, trajectories=cfg.trajectories
+    )
+    cache = None
+    if cfg.trajectories:
+        # From the seed alone, so a resumed run samples the same cache again rather than storing it.
+        sample_cache = make_trajectory_sampler(graphdef, schedule, objective, mesh, cfg.trajectories)
+        cache = sample_cache(original, frozen, prompts, state.rng)
+        if main:
+            print(f"sampled {cfg.trajectories} trajectories: {cfg.trajectories * cfg.ddim_steps} training pairs")
     log = MetricsLog(workdir / "metrics.jsonl", start) if main else None
     stop = run.StopSignal()
     bar = tqdm(
@@ -163,7 +173,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         # Every array the loop touches is on the device already: an implicit transfer is a bug.
         with jax.transfer_guard("disallow"):
             for step in range(start + 1, cfg.iterations + 1):
-                state, metrics = step_fn(state, frozen, original, prompts)
+                state, metrics = step_fn(state, frozen, original, prompts, cache)
                 pending.append((step, metrics))
                 bar.update(1)
                 # Every checkpoint_every steps, and always at the end or on SIGTERM; the state is checked first.

@@ -227,3 +227,65 @@ def test_the_step_traces_once_and_moves_no_data_implicitly(sd1, monkeypatch):
     monkeypatch.setattr(esd, "local_loss_and_grads", chex.assert_max_traces(esd.local_loss_and_grads, n=1))
     losses, *_ = run_steps(pipe, Mesh(np.asarray(jax.devices()[:4]), ("data",)), 1, steps=3)
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("erase_from", [False, True])
+def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
+    """The fast mode's pair (x_k, target_k) of trajectory j equals the per-iteration recipe's x_t after k
+    guided steps from the same noise, and its target there (partial_sample and esd_target)."""
+    from esd_jax.trajectories import make_trajectory_sampler, trajectory_draws
+
+    _, _, pipe = sd1
+    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    emb = encode_prompts(pipe, ["red circle", "van gogh", "a photo of green", ""])
+    prompts = Prompts(concept=emb[:2], erase_from=emb[jnp.array([2, 2])] if erase_from else None, null=emb[3])
+    obj = objective(erase_from=erase_from)
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    rng = jax.random.key_data(jax.random.key(7))
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    cache = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=3)(trainable, frozen, prompts, rng)
+    assert cache.x_t.shape == (4, obj.ddim_steps, *obj.latent_shape)  # padded to the 4 devices
+    concept, noise_keys = trajectory_draws(rng, 4, 2)
+    np.testing.assert_array_equal(cache.concept, concept)
+    unet = nnx.merge(graphdef, trainable, frozen)
+    timesteps = jnp.asarray(schedule.timesteps(obj.ddim_steps))
+    for j in range(3):
+        noise = jax.random.normal(noise_keys[j], obj.latent_shape)[None]
+        c = prompts.concept[concept[j]][None]
+        f = prompts.erase_from[concept[j]][None] if erase_from else c
+        for k in (0, 2, obj.ddim_steps - 1):
+            x_t = partial_sample(unet, schedule, obj, noise, jnp.asarray([k]), f, prompts.null)
+            target = esd_target(unet, obj, x_t, timesteps[k][None], c, f, prompts.null)
+            assert rel_err(cache.x_t[j, k], x_t[0]) <= 1e-5, (j, k)
+            assert rel_err(cache.target[j, k], target[0]) <= 1e-5, (j, k)
+
+
+def test_cached_steps_draw_distinct_pairs_and_agree_across_device_counts(sd1):
+    from esd_jax.trajectories import make_trajectory_sampler, pair_draws
+
+    rng = jax.random.key_data(jax.random.key(0))
+    drawn = [pair_draws(rng, jnp.int32(s), 3, 5, 4) for s in range(3)]  # 15 pairs, 3 steps of 4 an epoch
+    pairs = {(int(j), int(k)) for js, ks in drawn for j, k in zip(js, ks, strict=True)}
+    assert len(pairs) == 12 and all(j < 3 and k < 5 for j, k in pairs)
+
+    _, _, pipe = sd1
+    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    emb = encode_prompts(pipe, ["red circle", "van gogh", ""])
+    prompts = Prompts(concept=emb[:2], erase_from=None, null=emb[2])
+    obj = objective()
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    optimizer = optax.sgd(1.0)
+    losses = []
+    for devices, per_device in ((1, 4), (4, 1)):
+        mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+        cache = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=3)(trainable, frozen, prompts, rng)
+        step = make_train_step(graphdef, schedule, obj, optimizer, mesh, per_device, trajectories=3)
+        params = jax.tree.map(jnp.copy, trainable)
+        state = TrainState(jnp.int32(0), params, optimizer.init(params), jnp.copy(rng))  # the step donates it
+        state, frozen_m, prompts_m, cache = parallel.place((state, frozen, prompts, cache), mesh)
+        run = []
+        for _ in range(2):
+            state, metrics = step(state, frozen_m, None, prompts_m, cache)
+            run.append(float(jax.device_get(metrics["loss"])))
+        losses.append(run)
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -7,10 +7,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from esd_jax import weights
 from esd_jax.cli import main
 from esd_jax.config import EvaluateConfig
 from esd_jax.errors import UserError
+from esd_jax.partition import trainable_keys
+from esd_jax.pipeline import load_pipeline
+from esd_jax.run import write_delta
+from esd_jax.sampling.record import mark
 from esd_jax.toy import evaluate as ev
 from esd_jax.toy import world
 
@@ -156,3 +162,67 @@ def test_the_oracle_reads_only_rgb_images():
 
     with pytest.raises(UserError, match=f"this model makes {world.SIZE} px 1-channel images"):
         ev.check_images(Pipe)
+
+
+def user_png(path: Path) -> None:
+    Image.new("RGB", (4, 4), "blue").save(path)
+
+
+@pytest.mark.parametrize(
+    "flag,name,make,message",
+    [
+        ("--json", "run/config.json", lambda p: p.write_text('{"model": "toy"}'), "not made by esd-jax evaluate"),
+        ("--grid", "run/esd-red.safetensors", lambda p: p.write_bytes(b"weights"), "not made by esd-jax evaluate"),
+        ("--grid", "mine.png", user_png, "not made by esd-jax evaluate; move it away or pass another --grid"),
+        # Another command's mark is not evaluate's.
+        ("--grid", "s.png", lambda p: Image.new("RGB", (4, 4)).save(p, pnginfo=mark("esd-jax sample")), "not made by"),
+        ("--grid", "pics", lambda p: p.mkdir(), "is a folder; pass a file name, such as {path}/evaluate-red.png"),
+        ("--json", "file/r.json", None, "cannot write"),
+        ("--grid", "/proc/esd-jax/g.png", None, "cannot write"),
+        ("--json", "evaluate-red.png", None, "is also the picture (--grid); pass another --json"),
+        (None, "evaluate-red.png", user_png, "--grid evaluate-red.png: not made by esd-jax evaluate"),  # the default
+    ],
+)
+def test_outputs_evaluate_may_not_write_are_refused_before_loading(
+    tmp_path, capsys, monkeypatch, flag, name, make, message
+):
+    """Checked before the model loads (--model nowhere would be the error otherwise); nothing is changed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "file").write_text("a file")
+    path = Path(name)
+    if make is not None:
+        make(path)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()}
+    args = ["--model", "nowhere", "--concept", "red", *([flag, name] if flag else [])]
+    assert main(["esd-jax", "evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(path=name) in err and err.count("\n") == 1, err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_evaluate_replaces_its_own_outputs_and_marks_them(tmp_path, capsys):
+    """A picture and a report evaluate wrote before are replaced; a --batch_size far above the images is
+    capped to them."""
+    grid, report = tmp_path / "g.png", tmp_path / "r.json"
+    Image.new("RGB", (4, 4)).save(grid, pnginfo=mark(ev.MADE_BY))
+    ev.write_json(report, {"concept": "blue"})
+    args = ["--model", "toy", "--concept", "red", "--num_per_prompt", "1", "--steps", "1", "--batch_size", "100000"]
+    assert main(["esd-jax", "evaluate", *args, "--grid", str(grid), "--json", str(report)]) == 0
+    written = json.loads(report.read_text())
+    assert (written["made_by"], written["concept"], written["settings"]["num_per_prompt"]) == (ev.MADE_BY, "red", 1)
+    with Image.open(grid) as image:
+        assert image.info["Software"] == ev.MADE_BY and image.width > 4
+
+
+def test_a_delta_with_non_finite_weights_is_refused(tmp_path, capsys):
+    pipe = load_pipeline("toy")
+    key = sorted(trainable_keys(pipe.unet, "esd-x"))[0]
+    value = weights.state_dict(pipe.unet, {key})[key]
+    write_delta({key: np.full_like(value, np.nan)}, tmp_path / "nan.safetensors")
+    grid = tmp_path / "g.png"
+    args = ["--model", "toy", "--concept", "red", "--esd", str(tmp_path / "nan.safetensors"), "--grid", str(grid)]
+    assert main(["esd-jax", "evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "non-finite" in err and err.count("\n") == 1
+    assert not grid.exists()

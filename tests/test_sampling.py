@@ -4,6 +4,7 @@ records of what made each image, the CLI."""
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from esd_jax import weights
 from esd_jax.cli import main
 from esd_jax.config import EraseConfig, SampleConfig, default_config
 from esd_jax.errors import UserError
+from esd_jax.files import fingerprint
 from esd_jax.partition import trainable_keys
 from esd_jax.run import apply_delta, write_delta
 from esd_jax.sampling import folder
 from esd_jax.sampling.folder import sample_to_folder as sample_config_to_folder
 from esd_jax.sampling.prompts import read_prompts_csv
 from esd_jax.sampling.record import FOLDER_KEYS
-from esd_jax.sampling.sampler import initial_noise, sample_with_latents, to_uint8
+from esd_jax.sampling.sampler import Sampler, initial_noise, sample_with_latents, to_uint8
 from esd_jax.train import erase
 
 PROMPTS = ["red circle", "a photo of van gogh painting"]
@@ -179,11 +181,9 @@ def test_a_rerun_remakes_exactly_the_images_whose_row_changed_or_that_have_no_re
         "9_0.png": {"prompt": "van gogh", "seed": 13, "index": 0},
     }
     assert record["settings"]["model"] == str(sd1_folder.resolve())
-    assert [w[0] for w in record["settings"]["model_weights"]] == [
-        "text_encoder/model.safetensors",
-        "unet/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.safetensors",
-    ]
+    assert record["settings"]["model_files"] == fingerprint(sd1_folder)
+    assert "scheduler/scheduler_config.json" in [f[0] for f in record["settings"]["model_files"]]
+    assert Image.open(out / "3_0.png").info["Software"] == "esd-jax sample"  # the mark of esd-jax's own files
     kept = snapshot(out)["3_0.png"]
 
     # Row 5's prompt and row 9's seed edited; a new row 7 whose image file was copied in from elsewhere.
@@ -268,7 +268,18 @@ def test_images_of_an_earlier_checkpoint_or_for_another_model_are_refused(sd1_fo
     assert main(["esd-jax", "sample", *args]) == 0
     settings = json.loads((out / "sample.json").read_text())["settings"]
     assert (settings["workdir"], settings["checkpoint_step"]) == (str(run.resolve()), 2)
+    assert settings["checkpoint_files"] == fingerprint(run / "checkpoints" / "2") != []
     before = snapshot(out)
+
+    # The run redone in the same workdir: the same step, other weights.
+    shutil.rmtree(run)
+    erase_run(sd1_folder, run, iterations=2)
+    err = refused(args, capsys)
+    assert (
+        f"{out} holds images of an earlier run in {run.resolve()}, whose step 2 checkpoint was since replaced "
+        "(checkpoints/2/"
+    ) in err
+    assert snapshot(out) == before
 
     erase_run(sd1_folder, run, iterations=4)  # trained further: the latest checkpoint is step 4
     err = refused(args, capsys)
@@ -284,25 +295,32 @@ def test_images_of_an_earlier_checkpoint_or_for_another_model_are_refused(sd1_fo
     assert snapshot(out) == before
 
 
-def test_replaced_model_weights_are_noticed(sd1_folder, tmp_path, capsys):
+def test_changed_model_files_are_noticed(sd1_folder, tmp_path, capsys):
+    """Weights exported over the folder, and the files beside them that change images as much: the
+    scheduler's config, the tokenizer, a network's config."""
     model, out = tmp_path / "model", tmp_path / "out"
     shutil.copytree(sd1_folder, model)
     args = ["--model", str(model), "--prompt", "red circle", "--steps", "4", "--batch_size", "4", "--out", str(out)]
     assert main(["esd-jax", "sample", *args]) == 0
     before = snapshot(out)
-    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
-    old = unet.stat()
-    os.utime(unet, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))  # as weights exported over the folder
-    err = refused(args, capsys)
-    assert (
-        f"{out} holds images of other weights of {model.resolve()}: unet/diffusion_pytorch_model.safetensors "
-        f"was {old.st_size} bytes modified "
-    ) in err
+    for name in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer.json",
+        "unet/config.json",
+    ):
+        old = (model / name).stat()
+        os.utime(model / name, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))  # as a file rewritten
+        err = refused(args, capsys)
+        assert (
+            f"{out} holds images of other files of {model.resolve()}: {name} was {old.st_size} bytes modified " in err
+        )
+        os.utime(model / name, ns=(old.st_atime_ns, old.st_mtime_ns))
     assert snapshot(out) == before
 
 
 def record_text(settings=None, images=None) -> str:
-    valid = dict.fromkeys(FOLDER_KEYS) | {"model_weights": []}
+    valid = dict.fromkeys(FOLDER_KEYS) | {"model_files": []}
     return json.dumps({"settings": valid if settings is None else settings, "images": images or {}})
 
 
@@ -314,8 +332,12 @@ def record_text(settings=None, images=None) -> str:
         ('{"model": "toy", "steps": 4}', "is damaged or from an older esd-jax"),
         (record_text(settings={"model": "toy"}), "(settings are not an object with the keys model, workdir, esd"),
         (
-            record_text(settings=dict.fromkeys(FOLDER_KEYS) | {"model_weights": [["unet/x", "big", 0]]}),
-            "(model_weights is not a list of [path, size, mtime_ns])",
+            record_text(settings=dict.fromkeys(FOLDER_KEYS) | {"model_files": [["unet/x", "big", 0]]}),
+            "(model_files is not a list of [path, size, mtime_ns])",
+        ),
+        (
+            record_text(settings=dict.fromkeys(FOLDER_KEYS) | {"model_files": [], "checkpoint_files": 3}),
+            "(checkpoint_files is not a list of [path, size, mtime_ns])",
         ),
         (record_text(images={"0_0.png": ["red", 1, 0]}), "(images is not an object of {prompt, seed, index} records)"),
     ],
@@ -340,6 +362,79 @@ def test_an_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, caps
     assert out.read_bytes() == b"not a folder"
 
 
+def test_files_esd_jax_did_not_write_are_never_replaced(sd1_folder, tmp_path, capsys):
+    """A picture of the user's under a name a job uses (no record, or a record esd-jax wrote for an image
+    since replaced) is refused before any model loads, naming the file; images esd-jax marked are remade."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (4, 4), "red").save(pics / "0_0.png")
+    nowhere = ["--model", "nowhere", "--prompt", "red", "--out", str(pics)]
+    err = refused(nowhere, capsys)
+    assert f"{pics / '0_0.png'}: not made by esd-jax sample; move it away or use another --out" in err
+    assert not (pics / "sample.json").exists()
+
+    # A --batch_size far above the one image: the batch is one device-count's worth, not a million rows.
+    (pics / "0_0.png").rename(tmp_path / "mine.png")
+    args = ["--model", str(sd1_folder), "--steps", "2", "--batch_size", "1000000", "--out", str(pics)]
+    assert main(["esd-jax", "sample", "--prompt", "red", *args]) == 0
+    shutil.copy(tmp_path / "mine.png", pics / "0_0.png")  # over the image on record
+    before = snapshot(pics)
+    err = refused(["--prompt", "green", *args], capsys)
+    assert f"{pics / '0_0.png'}: not made by esd-jax sample" in err
+    # With --compare, the base folder's files and compare.png are checked alike (the delta is not read yet).
+    (pics / "0_0.png").unlink()
+    delta = tmp_path / "d.safetensors"
+    delta.write_bytes(b"not read")
+    shutil.copy(tmp_path / "mine.png", pics / "compare.png")
+    before = snapshot(pics)
+    err = refused([*nowhere, "--esd", str(delta), "--compare"], capsys)
+    assert f"{pics / 'compare.png'}: not made by esd-jax sample; move it away or use another --out" in err
+    assert snapshot(pics) == before
+
+
+def test_sampler_batches_are_no_larger_than_the_job(sd1_pipe):
+    assert Sampler(sd1_pipe, batch_size=10**9, images=3, mesh=mesh(4)).batch_size == 4  # a multiple of 4 devices
+    assert Sampler(sd1_pipe, batch_size=10**9, images=3, mesh=mesh(1)).batch_size == 3
+    assert Sampler(sd1_pipe, batch_size=2, images=3, mesh=mesh(1)).batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "out,message",
+    [
+        ("file/sub", "cannot create the folder (Not a directory); pass another --out"),
+        ("/proc/esd-jax/out", "cannot create the folder (No such file or directory); pass another --out"),
+        ("/proc", "cannot write in it ("),
+    ],
+)
+def test_an_out_that_cannot_be_written_is_refused_before_loading_anything(tmp_path, capsys, out, message):
+    (tmp_path / "file").write_bytes(b"a file")
+    out = out if out.startswith("/") else str(tmp_path / out)
+    err = refused(["--model", "nowhere", "--prompt", "a", "--out", out], capsys)
+    assert f"--out {out}: " in err and message in err
+    assert (tmp_path / "file").read_bytes() == b"a file"
+
+
+def test_an_out_inside_the_model_folder_is_refused(tmp_path, capsys):
+    """Its images would be files of the model, whose fingerprint would then change with every image."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    for out in (model / "samples", model):
+        err = refused(["--model", str(model), "--prompt", "a", "--out", str(out)], capsys)
+        assert f"--out {out} is inside the model folder {model.resolve()}" in err
+    assert not (model / "samples").exists()
+
+
+def test_a_delta_with_non_finite_weights_is_refused(sd1_folder, sd1_pipe, tmp_path, capsys):
+    key = sorted(trainable_keys(sd1_pipe.unet, "esd-x"))[0]
+    value = weights.state_dict(sd1_pipe.unet, {key})[key]
+    write_delta({key: np.full_like(value, np.nan)}, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    args = ["--model", str(sd1_folder), "--esd", str(tmp_path / "nan.safetensors"), "--prompt", "red"]
+    err = refused([*args, "--steps", "2", "--out", str(out)], capsys)
+    assert "non-finite" in err
+    assert not list(out.glob("*.png"))
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -349,11 +444,23 @@ def test_an_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, caps
         ("prompt,evaluation_seed,case_number\nred,1,0\ngreen,x1,1\n", "line 3: evaluation_seed 'x1' is not an integer"),
         ("prompt,evaluation_seed,case_number\nred,-1,0\n", "line 2: evaluation_seed -1 is outside 0..4294967295"),
         ("prompt,evaluation_seed,case_number\nred,1,0\ngreen,2,0\n", "line 3: case_number 0 repeats line 2"),
+        ("prompt,evaluation_seed,case_number\nred,1,1e300\n", "line 2: case_number 1e300 is outside -9999"),
+        ("prompt,evaluation_seed,case_number\nred,1,-1000000000000000\n", "line 2: case_number -1000000000000000"),
+        ("prompt,evaluation_seed,case_number,prompt\nred,1,0,x\n", "the header names the column 'prompt' twice"),
+        (
+            'prompt,evaluation_seed,case_number\nred,1,0\n"green,2,1\nblue,3,2\n',
+            'line 3: a quote (") opens a field that never closes',
+        ),
+        ('prompt,evaluation_seed,case_number\n"red" circle,1,0\n', "line 2: not a readable CSV"),
+        (
+            "prompt,evaluation_seed,case_number\nred,1,0\nred, green,1,1\n",
+            "line 3: 4 fields, and the header names 3; quote a prompt that holds commas",
+        ),
     ],
 )
 def test_bad_csvs_give_one_line_errors(tmp_path, capsys, text, message):
     csv = write_csv(tmp_path / "bad.csv", text)
-    with pytest.raises(UserError, match=message) as e:
+    with pytest.raises(UserError, match=re.escape(message)) as e:
         read_prompts_csv(csv)
     assert str(csv) in str(e.value) and "\n" not in str(e.value)
     # The CLI fails on the CSV before loading any model.

@@ -1,6 +1,7 @@
 """`esd-jax sample`: images of a prompt or a prompt CSV in a folder, base and erased, resumable; the grid."""
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import jax
@@ -9,9 +10,9 @@ import numpy as np
 from esd_jax import checkpoints, parallel
 from esd_jax.config import EMBEDDED_NAME, SampleConfig
 from esd_jax.errors import UserError
-from esd_jax.files import atomic_file
+from esd_jax.files import atomic_file, fingerprint
 from esd_jax.sampling.prompts import PromptRow, read_prompts_csv
-from esd_jax.sampling.record import FOLDER_KEYS, FolderRecord, sha256, weights_fingerprint
+from esd_jax.sampling.record import FOLDER_KEYS, RECORD, SAMPLE_MARK, FolderRecord, made_by, mark, sha256
 from esd_jax.sampling.sampler import Item, Sampler, to_uint8
 
 MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
@@ -29,7 +30,7 @@ def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: Folder
     if main and redo.any():
         for kind, why in (
             ("changed", "made from another prompt or seed"),
-            ("unrecorded", f"that {record.path} has no record of (made by an older esd-jax, or copied in)"),
+            ("unrecorded", f"that {record.path} has no record of (left by a killed run, or copied in)"),
         ):
             if kind in status:
                 n = status.count(kind)
@@ -52,7 +53,7 @@ def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: Folder
         for positions, images, _ in sampler.batches([item for item, _ in todo]):
             for position, image in zip(positions, to_uint8(images), strict=True):
                 with atomic_file(todo[position][1]) as tmp:
-                    Image.fromarray(image).save(tmp, format="PNG")
+                    Image.fromarray(image).save(tmp, format="PNG", pnginfo=mark(SAMPLE_MARK))
             # Every host holds an equal share of each batch's rows, so the global count advances by
             # the batch's real rows; counting this host's rows times the process count would overshoot.
             count = min(sampler.batch_size, len(todo) - done)
@@ -108,7 +109,7 @@ def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) 
     grid = compare_grid([(row.prompt, read(out / "base", row), read(out, row)) for row in shown])
     path = out / "compare.png"
     with atomic_file(path) as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=mark(SAMPLE_MARK))
     return path
 
 
@@ -118,14 +119,29 @@ def model_name(model: str) -> str:
     return str(path.resolve()) if model != EMBEDDED_NAME and path.exists() else model
 
 
+def make_out(folder: Path) -> None:
+    """Creates an image folder and tries writing in it, so that a bad --out fails before any model loads."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {folder}: cannot create the folder ({e.strerror}); pass another --out") from None
+    try:
+        # A name of its own for every process: the hosts of a pod probe one shared folder at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{RECORD}.probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {folder}: cannot write in it ({e.strerror}); pass another --out") from None
+
+
 def sample_to_folder(cfg: SampleConfig) -> int:
     """What `esd-jax sample` does: images `{case_number}_{i}.png` in `cfg.out` for a prompt or a prompt CSV,
     from the base model or the erased one (`workdir`: a run's checkpoint; `esd`: a delta file); with
     `compare`, the base model's in `out/base/` too and both side by side in `out/compare.png`.
     An image already there is kept if its folder's sample.json records it as made from the same inputs,
-    so a rerun continues an interrupted one; any other is made (again). Returns how many it made.
+    so a rerun continues an interrupted one; any other is made (again), if it is one esd-jax wrote (its
+    PNGs carry a mark): a file of the user's is refused, never replaced. Returns how many it made.
     """
-    from esd_jax.pipeline import load_pipeline, locate
+    from esd_jax.pipeline import EMBEDDED, load_pipeline, locate
     from esd_jax.run import apply_erasure, check_erasure, read_config
 
     cfg.validate()
@@ -148,13 +164,33 @@ def sample_to_folder(cfg: SampleConfig) -> int:
     steps, guidance = cfg.sampling(model)
     scheduler, resolution, dtype, num_per_prompt = cfg.scheduler, cfg.resolution, cfg.dtype, cfg.num_per_prompt
 
+    def jobs(folder: Path) -> list[tuple[Item, Path]]:
+        return [
+            (Item(row.prompt, row.seed, i), folder / f"{row.case_number}_{i}.png")
+            for row in rows
+            for i in range(num_per_prompt)
+        ]
+
+    local = EMBEDDED if model == EMBEDDED_NAME else Path(model).expanduser()
+    if local.is_dir() and out.resolve().is_relative_to(local.resolve()):
+        raise UserError(
+            f"--out {out} is inside the model folder {local.resolve()}, whose files sample.json tracks (every "
+            "image written would change them); choose an --out outside it"
+        )
+    # Before any model loads: the folders can be written, and every file to be replaced is esd-jax's own.
+    for r in (record, base_record) if base_record is not None else (record,):
+        make_out(r.folder)
+        r.check_ours([(dataclasses.asdict(item), path) for item, path in jobs(r.folder)])
+    if cfg.compare and (out / "compare.png").exists() and made_by(out / "compare.png") != SAMPLE_MARK:
+        raise UserError(f"{out / 'compare.png'}: not made by esd-jax sample; move it away or use another --out")
+
     parallel.initialize_distributed()
     model_folder = locate(model)
     base_settings = dict(
         model=model_name(model),
         workdir=None,
         esd=None,
-        model_weights=weights_fingerprint(model_folder),
+        model_files=fingerprint(model_folder),
         esd_sha256=None,
         steps=steps,
         guidance=float(guidance),
@@ -162,13 +198,17 @@ def sample_to_folder(cfg: SampleConfig) -> int:
         resolution=resolution,
         dtype=dtype,
         checkpoint_step=None,
+        checkpoint_files=None,
     )
+    step = workdir and checkpoints.latest_step(workdir)
     settings = dict(
         base_settings,
         workdir=workdir and str(workdir.resolve()),
         esd=esd and str(esd.resolve()),
         esd_sha256=esd and sha256(esd),
-        checkpoint_step=workdir and checkpoints.latest_step(workdir),
+        checkpoint_step=step,
+        # A run redone in the same workdir reaches the same step with other weights: its files show it.
+        checkpoint_files=None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
     )
     record.check(settings, FOLDER_KEYS)
     if base_record is not None:
@@ -177,18 +217,17 @@ def sample_to_folder(cfg: SampleConfig) -> int:
     pipe = load_pipeline(model_folder, dtype=dtype)
     # The sampler keeps the base weights it placed: loading others into `pipe` replaces arrays, not them.
     sampler = Sampler(
-        pipe, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution, batch_size=cfg.batch_size
+        pipe,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        resolution=resolution,
+        batch_size=cfg.batch_size,
+        images=len(rows) * num_per_prompt,
     )
     if workdir is not None or esd is not None:
         apply_erasure(pipe, workdir, esd, step=settings["checkpoint_step"])
     record.settings = settings
-
-    def jobs(folder: Path) -> list[tuple[Item, Path]]:
-        return [
-            (Item(row.prompt, row.seed, i), folder / f"{row.case_number}_{i}.png")
-            for row in rows
-            for i in range(num_per_prompt)
-        ]
 
     made = 0
     if base_record is not None:

@@ -1,8 +1,10 @@
 """`sample.json` in every folder of images `esd-jax sample` writes: what made each image.
 
 A resumed job keeps an image only if its record says it was made from the inputs it would be made
-from now: the folder's settings (model and its weight files, erased weights, steps, guidance,
-scheduler, resolution, dtype), which all its images share, and the image's own (prompt, seed, index).
+from now: the folder's settings (the model and its files, erased weights, steps, guidance, scheduler,
+resolution, dtype), which all its images share, and the image's own (prompt, seed, index).
+Every PNG esd-jax writes also carries its maker in a text chunk (`mark`), so that a file it did not
+write, such as the user's own image under a name a job would use, is never replaced (`made_by`).
 """
 
 import datetime
@@ -15,13 +17,15 @@ from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 
 RECORD = "sample.json"
-# The settings all images of a folder share, in the order a refusal names them. `model_weights` is the
-# (path, size, mtime_ns) of each weight file, so weights replaced in place show without hashing gigabytes.
+# The settings all images of a folder share, in the order a refusal names them. `model_files` and
+# `checkpoint_files` are esd_jax.files.fingerprint's [path, size, mtime_ns] of every file of the model
+# folder and of the checkpoint restored: a model replaced in place (weights, scheduler config, tokenizer)
+# or a run redone in the same workdir shows without hashing gigabytes.
 FOLDER_KEYS = (
     "model",
     "workdir",
     "esd",
-    "model_weights",
+    "model_files",
     "esd_sha256",
     "steps",
     "guidance",
@@ -29,19 +33,32 @@ FOLDER_KEYS = (
     "resolution",
     "dtype",
     "checkpoint_step",
+    "checkpoint_files",
 )
+FINGERPRINTS = ("model_files", "checkpoint_files")
 IMAGE_KEYS = ("prompt", "seed", "index")  # per image file: what made it (esd_jax.sampling.sampler.Item)
+SAMPLE_MARK = "esd-jax sample"  # the PNG text chunk "Software" of every image and grid `esd-jax sample` writes
 
 
-def weights_fingerprint(folder: Path) -> list[list]:
-    """[relative path, size, mtime_ns] of every weight file under a model folder (not hidden temporaries)."""
-    files = sorted(
-        p
-        for pattern in ("*.safetensors", "*.bin")
-        for p in folder.rglob(pattern)
-        if p.is_file() and not p.name.startswith(".")
-    )
-    return [[p.relative_to(folder).as_posix(), s.st_size, s.st_mtime_ns] for p in files for s in [p.stat()]]
+def mark(maker: str):
+    """PIL's PngInfo naming `maker` ("esd-jax sample", "esd-jax evaluate"): `image.save(..., pnginfo=mark(...))`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", maker)
+    return info
+
+
+def made_by(path: Path) -> str | None:
+    """The maker a PNG names in its "Software" text chunk; None for any other file (or none readable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            maker = image.info.get("Software") if image.format == "PNG" else None
+    except (OSError, ValueError, SyntaxError):  # not an image, damaged, a folder, unreadable
+        return None
+    return maker if isinstance(maker, str) else None
 
 
 def sha256(path: Path) -> str:
@@ -56,15 +73,18 @@ def shape_problem(data) -> str | None:
     settings, images = data["settings"], data["images"]
     if not isinstance(settings, dict) or settings.keys() != set(FOLDER_KEYS):
         return f"settings are not an object with the keys {', '.join(FOLDER_KEYS)}"
-    entries = settings["model_weights"]
-    if not isinstance(entries, list) or not all(
-        isinstance(e, list)
-        and len(e) == 3
-        and isinstance(e[0], str)
-        and all(type(v) is int and 0 <= v < 2**63 for v in e[1:])
-        for e in entries
-    ):
-        return "model_weights is not a list of [path, size, mtime_ns]"
+    for key in FINGERPRINTS:
+        entries = settings[key]
+        if entries is None and key == "checkpoint_files":  # no --workdir
+            continue
+        if not isinstance(entries, list) or not all(
+            isinstance(e, list)
+            and len(e) == 3
+            and isinstance(e[0], str)
+            and all(type(v) is int and 0 <= v < 2**63 for v in e[1:])
+            for e in entries
+        ):
+            return f"{key} is not a list of [path, size, mtime_ns]"
     if not isinstance(images, dict) or not all(
         isinstance(r, dict) and r.keys() == set(IMAGE_KEYS) for r in images.values()
     ):
@@ -88,15 +108,26 @@ def file_state(entry: tuple[int, int] | None) -> str:
     return f"{size} bytes modified {datetime.datetime.fromtimestamp(mtime_ns / 1e9).isoformat()}"
 
 
+def changed_file(old: list[list] | None, new: list[list] | None) -> str:
+    """The first file two fingerprints disagree on, and how: "unet/config.json was 812 bytes modified ..., now ..."."""
+    was, now = ({path: (size, mtime) for path, size, mtime in entries or []} for entries in (old, new))
+    path = next((p for p in sorted(was.keys() | now.keys()) if was.get(p) != now.get(p)), None)
+    if path is None:  # the same files listed in another order: a record edited by hand
+        return "its files are listed otherwise"
+    return f"{path} was {file_state(was.get(path))}, now {file_state(now.get(path))}"
+
+
 def difference(key: str, old: dict, new: dict) -> str:
     """How images made with the settings `old` differ from those `new` would make, in words."""
     if key in ("model", "workdir", "esd"):
         return f"of {weights_of(old)}, not of {weights_of(new)}"
-    if key == "model_weights":
-        was, now = ({path: (size, mtime) for path, size, mtime in s[key]} for s in (old, new))
-        path = next(p for p in sorted(was.keys() | now.keys()) if was.get(p) != now.get(p))
-        was, now = file_state(was.get(path)), file_state(now.get(path))
-        return f"of other weights of {new['model']}: {path} was {was}, now {now}"
+    if key == "model_files":
+        return f"of other files of {new['model']}: {changed_file(old[key], new[key])}"
+    if key == "checkpoint_files":
+        return (
+            f"of an earlier run in {new['workdir']}, whose step {new['checkpoint_step']} checkpoint was since "
+            f"replaced (checkpoints/{new['checkpoint_step']}/{changed_file(old[key], new[key])})"
+        )
     if key == "esd_sha256":
         return f"of {new['esd']} as it was (sha256 {str(old[key])[:12]}), not as it is (sha256 {new[key][:12]})"
     if key == "checkpoint_step":
@@ -147,6 +178,13 @@ class FolderRecord:
         if path.name not in self.images:
             return "unrecorded"
         return "kept" if self.images[path.name] == made_from else "changed"
+
+    def check_ours(self, jobs: Sequence[tuple[dict, Path]]) -> None:
+        """Refuses before anything is made if an image file to be made again was not written by esd-jax sample
+        (the user's own picture under a name a job uses): esd-jax replaces only files it marked as its own."""
+        for made_from, path in jobs:
+            if self.status(path, made_from) in ("unrecorded", "changed") and made_by(path) != SAMPLE_MARK:
+                raise UserError(f"{path}: not made by esd-jax sample; move it away or use another --out")
 
     def save(self) -> None:
         with atomic_file(self.path) as tmp:

@@ -135,7 +135,10 @@ class Sampler:
         resolution: int = 0,
         batch_size: int = 8,
         mesh: Mesh | None = None,
+        images: int | None = None,
     ):
+        """`images`: how many images the job makes at most; a batch is no larger (rounded up to the device
+        count), so a large --batch_size does not pad a short list to its full size."""
         if scheduler not in SCHEDULERS:
             raise UserError(f"scheduler {scheduler!r} is not supported; choose one of {', '.join(SCHEDULERS)}")
         if steps < 1:
@@ -158,6 +161,8 @@ class Sampler:
         else:
             DPMSolverSchedule.from_config(pipe.scheduler_config).coefficients(steps)
         n = self.mesh.devices.size
+        if images is not None:
+            batch_size = min(batch_size, max(images, 1))
         self.batch_size = -(-batch_size // n) * n  # a multiple of the device count: every device gets rows
         self.token_ids = pipe.token_ids
         modules = (pipe.unet, pipe.text_encoder, pipe.vae)
@@ -264,7 +269,7 @@ def sample_with_latents(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, H, W, 3] float32 in [0, 1], final latents [N, C, h, w]); see `sample`."""
     items = make_items(prompts, seeds, num_per_prompt)
-    sampler = Sampler(pipe, **settings)
+    sampler = Sampler(pipe, **settings, images=len(items))
     images = np.zeros((len(items), 0))
     final = None
     for positions, image_rows, latent_rows in sampler.batches(items, latents, gather=True):

@@ -9,6 +9,8 @@ A concept of the world (a colour, a shape or a style) splits the prompts into th
 - "unnamed": prompts that do not name the attribute ("a circle"): how often the concept appears unasked.
 Image i of every prompt starts from the same noise for the base and the erased model, so the two
 columns differ only by the edit; the oracle reads every image.
+The picture and the JSON report carry their maker (a PNG text chunk; a "made_by" key), and an existing
+file without it is never replaced: --grid or --json naming another file is refused before sampling.
 """
 
 import dataclasses
@@ -20,9 +22,10 @@ import numpy as np
 
 from esd_jax.config import EMBEDDED_NAME, EvaluateConfig
 from esd_jax.errors import UserError
-from esd_jax.files import atomic_file
+from esd_jax.files import atomic_file, check_writable
 from esd_jax.pipeline import StableDiffusion
 from esd_jax.sampling.folder import compare_grid
+from esd_jax.sampling.record import made_by, mark
 from esd_jax.sampling.sampler import Sampler, make_items, to_uint8
 from esd_jax.toy import oracle, world
 
@@ -33,6 +36,8 @@ WORDS = tuple(v for values in ATTRIBUTES.values() for v in values)
 GROUPS = ("concept", "others", "unnamed")
 GRID_IMAGES = 8  # images per prompt and side in the picture
 GRID_ZOOM = 2  # 32-pixel images are too small to look at
+MADE_BY = "esd-jax evaluate"  # the picture's PNG "Software" text and the report's "made_by"
+MAX_REPORT_BYTES = 2**24  # a report is tens of kilobytes: a larger file is not one, and is not read whole
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +172,13 @@ def quality(pipe: StableDiffusion, settings: EvaluateConfig) -> dict[str, Any]:
     prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
     prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
-    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    sampler = Sampler(
+        pipe,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        batch_size=settings.batch_size,
+        images=len(prompts) * settings.num_per_prompt,
+    )
     reading = judge(sample_prompts(sampler, [prompt(t, "others") for t in prompts], settings))
     return {
         "colour": float(np.mean(reading.colour == asked[:, 0])),
@@ -201,7 +212,7 @@ def write_grid(
         for i in grid_rows(concept, prompts)
     ]
     with atomic_file(path) as tmp:
-        compare_grid(rows).save(tmp, format="PNG")
+        compare_grid(rows).save(tmp, format="PNG", pnginfo=mark(MADE_BY))
 
 
 def evaluate(
@@ -216,7 +227,13 @@ def evaluate(
     settings = EvaluateConfig() if settings is None else settings
     prompts = prompts_for(concept)
     check_model(pipe, prompts)
-    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
+    sampler = Sampler(
+        pipe,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        batch_size=settings.batch_size,
+        images=len(prompts) * settings.num_per_prompt,
+    )
     base = sample_prompts(sampler, prompts, settings)
     erased = None
     if erased_unet is not None:
@@ -284,7 +301,31 @@ def table(report: dict[str, Any]) -> str:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.write_text(json.dumps({"made_by": MADE_BY, **report}, indent=2) + "\n")
+
+
+def report_maker(path: Path) -> str | None:
+    """The "made_by" of a JSON report; None for any other file."""
+    try:
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("made_by") if isinstance(data, dict) else None
+
+
+def check_output(path: Path, flag: str, maker, example: str) -> None:
+    """Refuses, before anything is sampled, an output path evaluate could not write or must not replace: a
+    folder, one that cannot be created, or an existing file it did not write (`maker(path)` is not MADE_BY)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; pass a file name, such as {path / example}")
+    if path.exists() and maker(path) != MADE_BY:
+        raise UserError(f"{flag} {path}: not made by esd-jax evaluate; move it away or pass another {flag}")
+    try:
+        check_writable(path)
+    except UserError as e:
+        raise UserError(f"{flag} {path}: {e}; pass another {flag}") from None
 
 
 def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -301,6 +342,11 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
     parsed = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
     model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
     grid = Path(cfg.grid) if cfg.grid else (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
+    check_output(grid, "--grid", made_by, f"evaluate-{parsed.value}.png")
+    if cfg.json is not None:
+        if Path(cfg.json).absolute() == grid.absolute():
+            raise UserError(f"--json {cfg.json} is also the picture (--grid); pass another --json")
+        check_output(Path(cfg.json), "--json", report_maker, f"evaluate-{parsed.value}.json")
     pipe = load_pipeline(model)
     check_model(pipe, prompts_for(parsed))  # before the erased model loads or anything is sampled
     erased = None

@@ -1,0 +1,113 @@
+"""The fast mode's cache: every step of the frozen model's trajectories under the concept, as ESD pairs.
+
+With `xt_model="frozen"`, each guided DDIM step the per-iteration recipe takes to reach x_t evaluates the
+frozen model at (x_k, t_k) under "" and the sampling prompt: without an erase-from prompt those are
+exactly e_0 and e_c of the target at step k. So one trajectory of N steps holds N training pairs
+(x_k, t_k, target_k) for the cost of N guided steps (an erase-from prompt adds one frozen call per step
+for e_c); the recipe pays on average (N - 1) / 2 guided steps for each pair it trains on.
+
+Trajectory j's concept and noise come from (seed, j), never from the device that samples it; a training
+step draws its batch of (trajectory, step) pairs from (seed, epoch) without replacement within an epoch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from esd_jax.parallel import AXIS
+from esd_jax.schedulers import NoiseSchedule, ddim_step
+
+# Folded into the run's key for the fast mode's randomness; a step number never reaches them.
+TRAJECTORY_STREAM = 2**31 - 1
+PAIR_STREAM = 2**31 - 2
+
+
+@dataclasses.dataclass
+class Trajectories:
+    """Every step of `x_t.shape[0]` trajectories (a multiple of the device count; pairs are drawn from the
+    first `count`): x_k before step k, and the ESD target there."""
+
+    x_t: jax.Array  # [T, N, C, H, W]
+    target: jax.Array  # [T, N, C, H, W] float32
+    concept: jax.Array  # [T] int32: which of the run's concepts each trajectory samples
+
+
+jax.tree_util.register_dataclass(Trajectories, data_fields=["x_t", "target", "concept"], meta_fields=[])
+
+
+def trajectory_draws(rng: jax.Array, count: int, num_concepts: int) -> tuple[jax.Array, jax.Array]:
+    """(concept [count], noise keys [count]) of trajectories 0..count-1, from the run's key alone."""
+    stream = jax.random.fold_in(rng, TRAJECTORY_STREAM)
+    keys = jax.vmap(lambda j: jax.random.fold_in(stream, j))(jnp.arange(count))
+    concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
+    return concept, jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
+
+
+def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array, c: jax.Array, f: jax.Array, null):
+    """(x_k [B, N, C, H, W], target_k [B, N, C, H, W]) along the guided DDIM trajectories from `noise` under
+    the sampling prompts `f`, the targets as esd.esd_target computes them for the concepts `c`."""
+    timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
+    prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
+    b = noise.shape[0]
+    contexts = [jnp.broadcast_to(null, f.shape), f] + ([c] if objective.erase_from else [])
+    n = len(contexts)
+
+    def body(x, i):
+        preds = unet(jnp.concatenate([x] * n), jnp.full((n * b,), timesteps[i]), jnp.concatenate(contexts))
+        e_null, e_f, *rest = jnp.split(preds, n)
+        guided = e_null + objective.start_guidance * (e_f - e_null)  # as esd.partial_sample guides
+        e_0, e_f32 = e_null.astype(jnp.float32), e_f.astype(jnp.float32)
+        e_c = rest[0].astype(jnp.float32) if objective.erase_from else e_f32
+        e_base = e_f32 if objective.erase_from else e_0
+        target = e_base - objective.negative_guidance * (e_c - e_0)
+        return ddim_step(schedule, guided, timesteps[i], prev[i], x), (x, target)
+
+    _, (xs, targets) = jax.lax.scan(body, noise, jnp.arange(objective.ddim_steps))  # [N, B, ...]
+    return xs.swapaxes(0, 1), targets.swapaxes(0, 1)
+
+
+def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: Mesh, count: int):
+    """The jit-compiled (original, frozen, prompts, rng) -> Trajectories; each device samples its share.
+
+    The count is padded to a multiple of the device count with trajectories no step draws from, so the
+    pairs depend on the seed and the count only.
+    """
+    n = mesh.devices.size
+    padded = -(-count // n) * n
+
+    def local(original, frozen, prompts, concept, noise_keys):
+        c = prompts.concept[concept]
+        f = prompts.erase_from[concept] if objective.erase_from else c
+        noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)
+        unet = nnx.merge(graphdef, original, frozen)
+        return trajectory_pairs(unet, schedule, objective, noise, c, f, prompts.null)
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(AXIS), P(AXIS)),
+        out_specs=(P(AXIS), P(AXIS)),
+        check_vma=False,  # as in the ESD step: replicated weights meet each device's own trajectories
+    )
+
+    @jax.jit
+    def sample(original, frozen, prompts, rng) -> Trajectories:
+        concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0])
+        x_t, target = sharded(original, frozen, prompts, concept, noise_keys)
+        return Trajectories(x_t=x_t, target=target, concept=concept)
+
+    return sample
+
+
+def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int):
+    """(trajectory [B], step k [B]) of the batch at training step `step`: every epoch of
+    count * ddim_steps // B steps draws distinct pairs, in an order from (seed, epoch)."""
+    pairs = count * ddim_steps
+    per_epoch = pairs // global_batch
+    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), step // per_epoch), pairs)
+    chosen = jax.lax.dynamic_slice(order, ((step % per_epoch) * global_batch,), (global_batch,))
+    return chosen // ddim_steps, chosen % ddim_steps
