@@ -373,3 +373,14 @@ def test_stray_arguments_and_unknown_commands_are_refused(capsys):
     assert main(["esd-jax", "frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown command 'frobnicate'; choose one of erase" in err
+
+
+def test_the_fast_mode_resumes_to_the_weights_of_one_run(sd1_folder, tmp_path):
+    """A cached run extended from 2 to 4 iterations equals 4 at once: the cache comes back from the seed."""
+    fast = dict(trajectories=3, checkpoint_every=1)
+    once = load_file(erase(config(**settings(sd1_folder, tmp_path / "once", **fast))))
+    erase(config(**settings(sd1_folder, tmp_path / "twice", **fast, iterations=2)))
+    resumed = load_file(erase(config(**settings(sd1_folder, tmp_path / "twice", **fast))))
+    assert all(np.array_equal(resumed[k], once[k]) for k in once)
+    with pytest.raises(UserError, match="cache only with xt_model='frozen'"):
+        config(**settings(sd1_folder, tmp_path, trajectories=3, xt_model="trainable"))
