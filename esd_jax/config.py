@@ -1,8 +1,10 @@
-"""The settings of an erase run: one frozen dataclass holding every default, validated on entry.
+"""The settings of every command, one frozen dataclass each, every default declared once, validated on entry.
 
-configs/*.py start from `default_config()` (a ConfigDict generated from the dataclass, so no field is
-declared twice) and change what their method needs; `EraseConfig.from_config_dict` turns the
-command line's ConfigDict back into the dataclass and says what is wrong with it.
+`EraseConfig` (esd-jax erase): configs/*.py start from `default_config()` (a ConfigDict generated from
+the dataclass, so no field is declared twice) and change what their method needs;
+`EraseConfig.from_config_dict` turns the command line's ConfigDict back into the dataclass and says what
+is wrong with it. `SampleConfig` and `EvaluateConfig` (esd-jax sample, evaluate): each field is a flag,
+its default and help text declared with it. Importing this module loads neither JAX nor Flax.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Erased weights back to PyTorch: the official ESD delta file, a diffusers folder, a single file."""
+"""Erased weights back to PyTorch: a diffusers folder or a single file (the run writes the official delta file)."""
 
 import json
 import os
