@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,7 +72,8 @@ def clean_leftovers(path: Path) -> None:
 
 def check_writable(path: Path) -> None:
     """Fails now, not after hours of work, if `path` cannot be written (name too long, no permission)."""
-    probe = hidden(path, "tmp", os.getpid())
+    # A random name: hosts of a pod may share a folder and, in containers, a pid.
+    probe = path.with_name(f".{path.name}.probe-{secrets.token_hex(8)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.touch(exist_ok=False)
