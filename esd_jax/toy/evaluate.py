@@ -167,18 +167,23 @@ def measure(concept: Concept, prompts: list[Prompt], images: np.ndarray) -> dict
     }
 
 
+def evaluation_sampler(pipe: StableDiffusion, settings: EvaluateConfig, prompts: int) -> Sampler:
+    """The sampler of `prompts` prompts, `settings.num_per_prompt` images each."""
+    return Sampler(
+        pipe,
+        steps=settings.steps,
+        guidance=settings.guidance,
+        batch_size=settings.batch_size,
+        images=prompts * settings.num_per_prompt,
+    )
+
+
 def quality(pipe: StableDiffusion, settings: EvaluateConfig) -> dict[str, Any]:
     """The quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
     prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
     prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
-    sampler = Sampler(
-        pipe,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        batch_size=settings.batch_size,
-        images=len(prompts) * settings.num_per_prompt,
-    )
+    sampler = evaluation_sampler(pipe, settings, len(prompts))
     reading = judge(sample_prompts(sampler, [prompt(t, "others") for t in prompts], settings))
     return {
         "colour": float(np.mean(reading.colour == asked[:, 0])),
@@ -227,13 +232,7 @@ def evaluate(
     settings = EvaluateConfig() if settings is None else settings
     prompts = prompts_for(concept)
     check_model(pipe, prompts)
-    sampler = Sampler(
-        pipe,
-        steps=settings.steps,
-        guidance=settings.guidance,
-        batch_size=settings.batch_size,
-        images=len(prompts) * settings.num_per_prompt,
-    )
+    sampler = evaluation_sampler(pipe, settings, len(prompts))
     base = sample_prompts(sampler, prompts, settings)
     erased = None
     if erased_unet is not None:
