@@ -43,18 +43,22 @@ def latest_step(workdir: Path) -> int | None:
     return max(steps, default=None)
 
 
-def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:
-    """The checkpoint at `step` (default: the latest), placed as `template`'s arrays are."""
+def saved_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+    """`step` (default: the latest), if a checkpoint of it is saved; else one line saying which are."""
     steps = manager.all_steps()
-    if step is None:
-        step = manager.latest_step()
     if not steps:
-        raise UserError(f"{manager.directory}: no checkpoint saved yet; let the erase run reach one first")
+        raise UserError(f"{manager.directory}: no checkpoint saved yet; let the run reach one (checkpoint_every)")
+    step = manager.latest_step() if step is None else step
     if step not in steps:
         raise UserError(
-            f"{manager.directory}: no checkpoint for step {step}; saved steps: "
-            f"{', '.join(map(str, sorted(steps))) or 'none'}"
+            f"{manager.directory}: no checkpoint for step {step}; saved steps: {', '.join(map(str, sorted(steps)))}"
         )
+    return step
+
+
+def restore(manager: ocp.CheckpointManager, template: TrainState, step: int | None = None) -> TrainState:
+    """The checkpoint at `step` (default: the latest), placed as `template`'s arrays are."""
+    step = saved_step(manager, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
@@ -102,7 +106,7 @@ def restore_latest(workdir: Path, template: TrainState, *, main: bool = True) ->
             manager.close()
         if why is None:
             return state
-        folder = Path(workdir).absolute() / "checkpoints" / str(step)
+        folder = checkpoint_folder(workdir) / str(step)
         aside = folder.parent.parent / "damaged-checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if main:
             aside.parent.mkdir(exist_ok=True)
@@ -116,10 +120,9 @@ def restore_latest(workdir: Path, template: TrainState, *, main: bool = True) ->
 
 
 def restore_trained(manager: ocp.CheckpointManager, trainable, step: int):
-    """Only the trained weights of the checkpoint at `step`, shaped as `trainable` (the optimizer state
-    stays on disk: reading a run back needs no optimizer)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)
-    item = {"trainable": abstract}
+    """Only the trained weights of the saved checkpoint at `step` (see saved_step), shaped as `trainable`:
+    the optimizer state stays on disk, since reading a run back needs no optimizer."""
+    item = {"trainable": jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
     restored = manager.restore(step, args=ocp.args.PyTreeRestore(item, restore_args, partial_restore=True))
     return restored["trainable"]

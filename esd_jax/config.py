@@ -157,14 +157,18 @@ SCHEDULERS = ("ddim", "dpm++")
 SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_guidance(value: float | None) -> None:
-    if value is not None and not 0 <= value < FLOAT32_MAX:
-        raise UserError(f"--guidance {value}: give a finite number >= 0 (1: no guidance)")
-
-
-def check_images_per_prompt(n: int) -> None:
-    if n > MAX_IMAGES_PER_PROMPT:
-        raise UserError(f"--num_per_prompt {n}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
+def check_sampling(cfg, counts: tuple[str, ...]) -> None:
+    """What sample's and evaluate's settings share: counts (None: the model's default) of at least 1, a
+    finite guidance >= 0, a 32-bit seed and a bounded number of images per prompt."""
+    for key in counts:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UserError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.guidance is not None and not 0 <= cfg.guidance < FLOAT32_MAX:
+        raise UserError(f"--guidance {cfg.guidance}: give a finite number >= 0 (1: no guidance)")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"--seed {cfg.seed} is outside 0..{MAX_SEED}")
+    if cfg.num_per_prompt > MAX_IMAGES_PER_PROMPT:
+        raise UserError(f"--num_per_prompt {cfg.num_per_prompt}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,20 +202,12 @@ class SampleConfig:
             raise UserError("give either --prompt TEXT or --prompts FILE.csv")
         if self.compare and self.workdir is None and self.esd is None:
             raise UserError("--compare needs the erased model: give --workdir RUN or --esd FILE.safetensors")
-        for key in ("num_per_prompt", "batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"--steps must be at least 1, got {self.steps}")
-        check_guidance(self.guidance)
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED}")
+        check_sampling(self, ("num_per_prompt", "batch_size", "steps"))
         if not 0 <= self.resolution <= MAX_RESOLUTION:
             raise UserError(
                 f"--resolution {self.resolution}: give a number of pixels up to {MAX_RESOLUTION}, "
                 "or 0 for the native size"
             )
-        check_images_per_prompt(self.num_per_prompt)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.dtype not in SAMPLE_DTYPES:
@@ -243,10 +239,4 @@ class EvaluateConfig:
     batch_size: int = option(64, "Images per compiled call, over all devices.")
 
     def validate(self) -> None:
-        for key in ("num_per_prompt", "steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        check_guidance(self.guidance)
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"--seed {self.seed} is outside 0..{MAX_SEED}")
-        check_images_per_prompt(self.num_per_prompt)
+        check_sampling(self, ("num_per_prompt", "steps", "batch_size"))

@@ -19,7 +19,6 @@ from jax.sharding import PartitionSpec as P
 
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
-from esd_jax.trajectories import pair_draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +71,11 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+# Folded into the run's key for the fast mode's randomness (esd_jax.trajectories); a step never reaches them.
+TRAJECTORY_STREAM = 2**31 - 1
+PAIR_STREAM = 2**31 - 2
+
+
 def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_concepts: int):
     """Per-sample randomness from (seed, step, sample index): independent of how many devices run it."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, step), i))(jnp.arange(global_batch))
@@ -79,6 +83,26 @@ def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps:
     concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
     noise_keys = jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
     return k, concept, noise_keys
+
+
+def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int):
+    """(trajectory [B], step k [B]) of the batch at training step `step`: every epoch of
+    count * ddim_steps // B steps draws distinct pairs, in an order from (seed, epoch)."""
+    pairs = count * ddim_steps
+    per_epoch = pairs // global_batch
+    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), step // per_epoch), pairs)
+    chosen = jax.lax.dynamic_slice(order, ((step % per_epoch) * global_batch,), (global_batch,))
+    return chosen // ddim_steps, chosen % ddim_steps
+
+
+def guided(objective: Objective, e_null: jax.Array, e_cond: jax.Array) -> jax.Array:
+    """The classifier-free-guided prediction that partial sampling steps with."""
+    return e_null + objective.start_guidance * (e_cond - e_null)
+
+
+def negatively_guided(objective: Objective, e_0: jax.Array, e_c: jax.Array, e_base: jax.Array) -> jax.Array:
+    """The ESD target e_base - eta (e_c - e_0)."""
+    return e_base - objective.negative_guidance * (e_c - e_0)
 
 
 def partial_sample(
@@ -103,8 +127,7 @@ def partial_sample(
         i, x = carry
         t = jnp.full((2 * b,), timesteps[i])
         e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
-        guided = e_null + objective.start_guidance * (e_cond - e_null)
-        x_next = ddim_step(schedule, guided, timesteps[i], prev[i], x)
+        x_next = ddim_step(schedule, guided(objective, e_null, e_cond), timesteps[i], prev[i], x)
         return i + 1, jnp.where((i < k)[:, None, None, None], x_next, x)
 
     _, x = jax.lax.while_loop(lambda c: c[0] < k.max(), body, (jnp.int32(0), noise))
@@ -120,7 +143,7 @@ def esd_target(
     preds = frozen_unet(jnp.concatenate([x_t] * n), jnp.concatenate([t] * n), jnp.concatenate(contexts))
     e_0, e_c, *rest = jnp.split(preds.astype(jnp.float32), n)
     e_base = rest[0] if objective.erase_from else e_0
-    return jax.lax.stop_gradient(e_base - objective.negative_guidance * (e_c - e_0))
+    return jax.lax.stop_gradient(negatively_guided(objective, e_0, e_c, e_base))
 
 
 def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):

@@ -7,7 +7,6 @@
 """
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -106,20 +105,20 @@ def check_apart_from_model(workdir: Path, model_folder: Path) -> None:
         raise UserError(f"workdir {workdir} holds a diffusers model (model_index.json); use another --config.workdir")
 
 
-def check_erase_workdir(workdir: Path, cfg, resumable: tuple[str, ...], model_folder: Path) -> None:
-    """Refuses a workdir whose checkpoints were made with other settings or from a base model whose files
-    have changed since."""
-    from esd_jax import checkpoints
-
+def check_erase_workdir(
+    workdir: Path, settings: dict[str, Any], resumable: tuple[str, ...], model_folder: Path, done: int | None
+) -> None:
+    """Refuses a workdir whose checkpoints (the latest at step `done`) were made with other settings or from
+    a base model whose files have changed since."""
     folder = model_folder.resolve()
-    if checkpoints.latest_step(workdir) is None:
+    if done is None:
         return  # nothing to resume: a config.json left by a run that never saved is replaced
     saved = read_settings(workdir / "config.json")
     if saved is None or "concept" not in saved:
         raise UserError(
             f"workdir {workdir} holds checkpoints but no esd-jax run's config.json; use another --config.workdir"
         )
-    check_same_run(workdir, dataclasses.asdict(cfg), resumable)
+    check_same_run(workdir, settings, resumable)
     then = read_settings(workdir / MODEL_FILES)
     if then is not None and then["files"] != (now := files.fingerprint(model_folder)):
         changed = next(iter(sorted({tuple(f) for f in then["files"]} ^ {tuple(f) for f in now})))[0]
@@ -209,13 +208,7 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
     _, trainable, _ = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
     manager = checkpoints.open_manager(workdir, read_only=True)
     try:
-        saved = manager.all_steps()
-        step = manager.latest_step() if step is None else step
-        if not saved:
-            raise UserError(f"{workdir}: the run has saved no checkpoint yet; let it reach one (checkpoint_every)")
-        if step not in saved:
-            listed = ", ".join(map(str, sorted(saved)))
-            raise UserError(f"{workdir}: no checkpoint for step {step}; saved steps: {listed}")
+        step = checkpoints.saved_step(manager, step)
         try:
             with checkpoints.quiet_stderr():
                 trained = checkpoints.restore_trained(manager, trainable, step)
@@ -251,9 +244,9 @@ def apply_erasure(pipe, workdir: Path | None, esd: Path | None, *, step: int | N
 
 def apply_delta(pipe, path: Path) -> None:
     """Loads an official-format ESD delta (a subset of the UNet's weights, diffusers keys) into `pipe.unet`."""
-    tensors = weights.read_safetensors(path)
     import jax.numpy as jnp
 
+    tensors = weights.read_safetensors(path)
     for key, value in tensors.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 included, which numpy does not know
             raise UserError(f"{path}: {key!r} holds {value.dtype} numbers, not weights; is this an ESD delta file?")

@@ -63,13 +63,13 @@ def erase(cfg: EraseConfig) -> Path:
 
 def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path) -> Path:
     settings = dataclasses.asdict(cfg)
-    run.check_erase_workdir(workdir, cfg, RESUMABLE_CHANGES, model_folder)
+    done = checkpoints.latest_step(workdir)
+    run.check_erase_workdir(workdir, settings, RESUMABLE_CHANGES, model_folder, done)
     # What can fail at the end fails now, before the run's work: the delta's name on this file system,
     # and a workdir already past the iterations asked for.
     out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
     if main:
         check_writable(out)
-    done = checkpoints.latest_step(workdir)
     if done is not None and done > cfg.iterations:
         raise UserError(
             f"workdir {workdir} holds this run at step {done}, past config.iterations={cfg.iterations}; "
@@ -109,7 +109,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
 
     if main:
         run.write_settings(workdir, settings)
-        if checkpoints.latest_step(workdir) is None:
+        if done is None:
             run.write_model_files(workdir, model_folder)
     state = checkpoints.restore_latest(workdir, state, main=main)
     manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)

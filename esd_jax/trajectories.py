@@ -7,7 +7,8 @@ exactly e_0 and e_c of the target at step k. So one trajectory of N steps holds 
 for e_c); the recipe pays on average (N - 1) / 2 guided steps for each pair it trains on.
 
 Trajectory j's concept and noise come from (seed, j), never from the device that samples it; a training
-step draws its batch of (trajectory, step) pairs from (seed, epoch) without replacement within an epoch.
+step draws its batch of (trajectory, step) pairs from (seed, epoch) without replacement within an epoch
+(esd.pair_draws).
 """
 
 import dataclasses
@@ -18,12 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from esd_jax.esd import TRAJECTORY_STREAM, guided, negatively_guided
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
-
-# Folded into the run's key for the fast mode's randomness; a step number never reaches them.
-TRAJECTORY_STREAM = 2**31 - 1
-PAIR_STREAM = 2**31 - 2
 
 
 @dataclasses.dataclass
@@ -59,12 +57,10 @@ def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array,
     def body(x, i):
         preds = unet(jnp.concatenate([x] * n), jnp.full((n * b,), timesteps[i]), jnp.concatenate(contexts))
         e_null, e_f, *rest = jnp.split(preds, n)
-        guided = e_null + objective.start_guidance * (e_f - e_null)  # as esd.partial_sample guides
         e_0, e_f32 = e_null.astype(jnp.float32), e_f.astype(jnp.float32)
         e_c = rest[0].astype(jnp.float32) if objective.erase_from else e_f32
-        e_base = e_f32 if objective.erase_from else e_0
-        target = e_base - objective.negative_guidance * (e_c - e_0)
-        return ddim_step(schedule, guided, timesteps[i], prev[i], x), (x, target)
+        target = negatively_guided(objective, e_0, e_c, e_f32 if objective.erase_from else e_0)
+        return ddim_step(schedule, guided(objective, e_null, e_f), timesteps[i], prev[i], x), (x, target)
 
     _, (xs, targets) = jax.lax.scan(body, noise, jnp.arange(objective.ddim_steps))  # [N, B, ...]
     return xs.swapaxes(0, 1), targets.swapaxes(0, 1)
@@ -101,13 +97,3 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
         return Trajectories(x_t=x_t, target=target, concept=concept)
 
     return sample
-
-
-def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int):
-    """(trajectory [B], step k [B]) of the batch at training step `step`: every epoch of
-    count * ddim_steps // B steps draws distinct pairs, in an order from (seed, epoch)."""
-    pairs = count * ddim_steps
-    per_epoch = pairs // global_batch
-    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), step // per_epoch), pairs)
-    chosen = jax.lax.dynamic_slice(order, ((step % per_epoch) * global_batch,), (global_batch,))
-    return chosen // ddim_steps, chosen % ddim_steps

@@ -261,7 +261,8 @@ def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
 
 
 def test_cached_steps_draw_distinct_pairs_and_agree_across_device_counts(sd1):
-    from esd_jax.trajectories import make_trajectory_sampler, pair_draws
+    from esd_jax.esd import pair_draws
+    from esd_jax.trajectories import make_trajectory_sampler
 
     rng = jax.random.key_data(jax.random.key(0))
     drawn = [pair_draws(rng, jnp.int32(s), 3, 5, 4) for s in range(3)]  # 15 pairs, 3 steps of 4 an epoch
