@@ -48,6 +48,7 @@ class EraseConfig:
     # The fast mode: > 0 samples this many frozen-model trajectories once and trains on the (x_t, target)
     # pairs at their every step (esd_jax/trajectories.py); 0 samples a partial trajectory per iteration.
     trajectories: int = 0
+    refresh_every: int = 0  # with trajectories: sample fresh ones every this many iterations; 0: one cache for the run
     dtype: str = "float32"  # compute dtype: float32 or bfloat16; parameters and optimizer state stay float32
     seed: int = 0
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
@@ -112,6 +113,8 @@ class EraseConfig:
             raise bad("xt_model", "choose 'frozen' or 'trainable'")
         if self.trajectories < 0:
             raise bad("trajectories", "give a number of trajectories to cache, or 0 for the per-iteration recipe")
+        if self.refresh_every < 0 or (self.refresh_every and not self.trajectories):
+            raise bad("refresh_every", "give a number of iterations between fresh caches, with config.trajectories > 0")
         if self.trajectories and self.xt_model == "trainable":
             raise bad(
                 "trajectories", "the trained model's trajectories change every step: cache only with xt_model='frozen'"

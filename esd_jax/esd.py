@@ -85,13 +85,16 @@ def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps:
     return k, concept, noise_keys
 
 
-def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int):
-    """(trajectory [B], step k [B]) of the batch at training step `step`: every epoch of
-    count * ddim_steps // B steps draws distinct pairs, in an order from (seed, epoch)."""
+def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int, refresh_every: int = 0):
+    """(trajectory [B], step k [B]) of the batch at training step `step` from the cache in use then
+    (with `refresh_every`, cache step // refresh_every): every epoch of count * ddim_steps // B steps
+    within one cache draws distinct pairs, in an order from (seed, cache, epoch)."""
     pairs = count * ddim_steps
     per_epoch = pairs // global_batch
-    order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), step // per_epoch), pairs)
-    chosen = jax.lax.dynamic_slice(order, ((step % per_epoch) * global_batch,), (global_batch,))
+    cache, local = (step // refresh_every, step % refresh_every) if refresh_every else (0, step)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), cache), local // per_epoch)
+    order = jax.random.permutation(key, pairs)
+    chosen = jax.lax.dynamic_slice(order, ((local % per_epoch) * global_batch,), (global_batch,))
     return chosen // ddim_steps, chosen % ddim_steps
 
 
@@ -184,6 +187,7 @@ def make_train_step(
     mesh: Mesh,
     batch_per_device: int,
     trajectories: int = 0,
+    refresh_every: int = 0,
 ):
     """The jit-compiled step (state, frozen, original, prompts[, cache]) -> (state, metrics).
 
@@ -229,7 +233,7 @@ def make_train_step(
             )
             loss, grads = sharded(state.trainable, frozen, original, prompts, k, concept, noise_keys)
         else:
-            j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch)
+            j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
             x_t, target = cache.x_t[j, k], cache.target[j, k]
             loss, grads = sharded_cached(state.trainable, frozen, prompts, x_t, timesteps[k], cache.concept[j], target)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)

@@ -124,15 +124,33 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         erase_from=bool(cfg.erase_from),
     )
     step_fn = make_train_step(
-        graphdef, schedule, objective, optimizer, mesh, cfg.batch_per_device, trajectories=cfg.trajectories
+        graphdef,
+        schedule,
+        objective,
+        optimizer,
+        mesh,
+        cfg.batch_per_device,
+        trajectories=cfg.trajectories,
+        refresh_every=cfg.refresh_every,
     )
-    cache = None
+    cache, cache_index = None, None
     if cfg.trajectories:
-        # From the seed alone, so a resumed run samples the same cache again rather than storing it.
         sample_cache = make_trajectory_sampler(graphdef, schedule, objective, mesh, cfg.trajectories)
-        cache = sample_cache(original, frozen, prompts, state.rng)
         if main:
-            print(f"sampled {cfg.trajectories} trajectories: {cfg.trajectories * cfg.ddim_steps} training pairs")
+            fresh = f", fresh ones every {cfg.refresh_every} iterations" if cfg.refresh_every else ""
+            print(f"caching {cfg.trajectories} trajectories: {cfg.trajectories * cfg.ddim_steps} training pairs{fresh}")
+
+    def cache_for(step: int):
+        """The cache that step `step` (counted from 1) trains on, sampled when it changes: from the seed
+        alone, so a resumed run samples the one it was using again rather than storing it."""
+        nonlocal cache, cache_index
+        index = (step - 1) // cfg.refresh_every if cfg.refresh_every else 0
+        if cfg.trajectories and index != cache_index:
+            cache = None  # its memory goes before the next one is made
+            cache = sample_cache(original, frozen, prompts, state.rng, parallel.place(np.int32(index), mesh))
+            cache_index = index
+        return cache
+
     log = MetricsLog(workdir / "metrics.jsonl", start) if main else None
     stop = run.StopSignal()
     bar = tqdm(
@@ -173,7 +191,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         # Every array the loop touches is on the device already: an implicit transfer is a bug.
         with jax.transfer_guard("disallow"):
             for step in range(start + 1, cfg.iterations + 1):
-                state, metrics = step_fn(state, frozen, original, prompts, cache)
+                state, metrics = step_fn(state, frozen, original, prompts, cache_for(step))
                 pending.append((step, metrics))
                 bar.update(1)
                 # Every checkpoint_every steps, and always at the end or on SIGTERM; the state is checked first.

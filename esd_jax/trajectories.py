@@ -8,7 +8,8 @@ for e_c); the recipe pays on average (N - 1) / 2 guided steps for each pair it t
 
 Trajectory j's concept and noise come from (seed, j), never from the device that samples it; a training
 step draws its batch of (trajectory, step) pairs from (seed, epoch) without replacement within an epoch
-(esd.pair_draws).
+(esd.pair_draws). With `refresh_every` = M, cache g (iterations g M + 1 ... (g + 1) M) holds
+trajectories g T ... (g + 1) T - 1 of the same stream, so no two caches share one.
 """
 
 import dataclasses
@@ -37,10 +38,10 @@ class Trajectories:
 jax.tree_util.register_dataclass(Trajectories, data_fields=["x_t", "target", "concept"], meta_fields=[])
 
 
-def trajectory_draws(rng: jax.Array, count: int, num_concepts: int) -> tuple[jax.Array, jax.Array]:
-    """(concept [count], noise keys [count]) of trajectories 0..count-1, from the run's key alone."""
+def trajectory_draws(rng: jax.Array, count: int, num_concepts: int, first=0) -> tuple[jax.Array, jax.Array]:
+    """(concept [count], noise keys [count]) of trajectories first..first+count-1, from the run's key alone."""
     stream = jax.random.fold_in(rng, TRAJECTORY_STREAM)
-    keys = jax.vmap(lambda j: jax.random.fold_in(stream, j))(jnp.arange(count))
+    keys = jax.vmap(lambda j: jax.random.fold_in(stream, first + j))(jnp.arange(count))
     concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
     return concept, jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
 
@@ -67,7 +68,8 @@ def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array,
 
 
 def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: Mesh, count: int):
-    """The jit-compiled (original, frozen, prompts, rng) -> Trajectories; each device samples its share.
+    """The jit-compiled (original, frozen, prompts, rng, cache=0) -> Trajectories, cache g holding
+    trajectories g count ... (g + 1) count - 1; each device samples its share.
 
     The count is padded to a multiple of the device count with trajectories no step draws from, so the
     pairs depend on the seed and the count only.
@@ -91,8 +93,8 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     )
 
     @jax.jit
-    def sample(original, frozen, prompts, rng) -> Trajectories:
-        concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0])
+    def sample(original, frozen, prompts, rng, cache=0) -> Trajectories:
+        concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0], first=cache * count)
         x_t, target = sharded(original, frozen, prompts, concept, noise_keys)
         return Trajectories(x_t=x_t, target=target, concept=concept)
 

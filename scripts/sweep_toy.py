@@ -3,25 +3,35 @@
     python scripts/sweep_toy.py --concept red --out runs/sweep-red \
         --set learning_rate=1e-4,3e-4 --set iterations=100,200 --set method=esd-x,esd-u
 
+    python scripts/sweep_toy.py --concept red --out runs/fast-red --eval-seeds 0,1,2 \
+        --set seed=0,1,2 --set trajectories=0,32      # the fast mode against the recipe, with the noise of both
+
 Every combination of the --set values (any EraseConfig key, on top of configs/toy.py with the concept
-replaced) is one erase run in OUT/<name>, evaluated against the base model on the same noise. The base
-model's measurement is kept in OUT/base.json and finished runs are skipped, so further invocations on the
-same OUT (other --set axes, other --prompts) add rows to one table. Writes OUT/results.jsonl (one report
-per run), OUT/table.md (concept rate against the other values' accuracy, a row per run in OUT) and
-OUT/tradeoff.png (the same as a scatter plot).
+replaced) is one erase run in OUT/<name>, evaluated against the base model on the same noise, once per
+evaluation seed (image i of every prompt starts from the noise of (seed, i)). The base model's
+measurements are kept in OUT/base-<seed>.json and finished runs are skipped, so further invocations on
+the same OUT (other --set axes, other --prompts) add rows to one table. Writes OUT/results.jsonl (one
+record per run: its erase wall time, its UNet evaluations counted, and its report at every evaluation
+seed), OUT/table.md (concept rate against the other values' accuracy, a row per run, averaged over the
+evaluation seeds, with their range) and OUT/tradeoff.png (the same as a scatter plot). With `seed` among
+the --set axes, table.md also averages each setting over its erase seeds, and OUT/cost.png plots the
+concept rate of each setting against its erase time.
 """
 
 import argparse
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from esd_jax.config import EraseConfig, EvaluateConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
+from esd_jax.metrics import MetricsLog
 from esd_jax.pipeline import load_pipeline
 from esd_jax.run import apply_delta
 from esd_jax.sampling.sampler import Sampler
@@ -38,7 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2", help="values to sweep")
     parser.add_argument("--num-per-prompt", type=int, default=16)
-    return parser.parse_args()
+    parser.add_argument("--eval-seeds", default="0", help="evaluation seeds, comma-separated (default: 0)")
+    args = parser.parse_args()
+    try:
+        args.eval_seeds = [int(v) for v in args.eval_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--eval-seeds {args.eval_seeds!r}: give integers, comma-separated, e.g. 0,1,2")
+    return args
 
 
 def toy_config() -> dict:
@@ -68,9 +84,9 @@ def name_of(overrides: dict, prompts: str | None) -> str:
 
 
 def base_measurement(out: Path, concept: ev.Concept, settings: EvaluateConfig, sampler: Sampler, prompts) -> dict:
-    """The base model's measurement, from OUT/base.json when it was taken with the same concept and settings."""
+    """The base model's measurement, from OUT/base-<seed>.json when taken with the same concept and settings."""
     key = {"concept": concept.value, "settings": dataclasses.asdict(settings)}
-    path = out / "base.json"
+    path = out / f"base-{settings.seed}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if {k: saved[k] for k in key} == key:
@@ -81,6 +97,42 @@ def base_measurement(out: Path, concept: ev.Concept, settings: EvaluateConfig, s
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps({**key, "measured": measured}) + "\n")
     return measured
+
+
+def unet_calls(cfg: EraseConfig, workdir: Path) -> dict[str, int]:
+    """The run's UNet evaluations, one image each, counted from its settings and the k of every step
+    (metrics.jsonl): `frozen` forwards (sampling x_t and the target's predictions), `trained` forward
+    and backward passes.
+
+    The recipe's sampling loop runs to the largest k of each device's batch, two predictions (unguided
+    and guided) per sample and step, then the target's two (three with erase_from) at step k; the fast
+    mode samples its cache once, or once per `refresh_every` iterations, with as many predictions per
+    step and trajectory (its count padded to the device count).
+    """
+    rows = MetricsLog.read_rows(workdir / "metrics.jsonl")
+    contexts = 3 if cfg.erase_from else 2
+    b = cfg.batch_per_device
+    devices = len(rows[0]["k"]) // b
+    trained = sum(len(r["k"]) for r in rows)
+    if cfg.trajectories:
+        padded = -(-cfg.trajectories // devices) * devices
+        caches = math.ceil(cfg.iterations / cfg.refresh_every) if cfg.refresh_every else 1
+        return {"frozen": caches * padded * cfg.ddim_steps * contexts, "trained": trained}
+    frozen = 0
+    for r in rows:
+        for d in range(devices):
+            frozen += b * (2 * max(r["k"][d * b : (d + 1) * b]) + contexts)
+    return {"frozen": frozen, "trained": trained}
+
+
+def averaged(reports: list[dict]):
+    """The reports' numbers averaged, their other values (names, settings) taken from the first."""
+    first = reports[0]
+    if isinstance(first, dict):
+        return {k: averaged([r[k] for r in reports]) for k in first}
+    if isinstance(first, float | int) and not isinstance(first, bool) and first is not None:
+        return sum(reports) / len(reports)
+    return first
 
 
 def label(row: dict) -> str:
@@ -128,69 +180,162 @@ def plot(rows: list[dict], concept: str, out: Path) -> None:
     plt.close(fig)
 
 
+def rate_range(row: dict) -> str:
+    """The concept rate over the evaluation seeds: their mean, with their range when there are several."""
+    rates = [r["concept_rate_erased"] for r in row["reports"].values()]
+    mean = sum(rates) / len(rates)
+    return f"{mean:.2f}" if len(rates) == 1 else f"{mean:.2f} ({min(rates):.2f}-{max(rates):.2f})"
+
+
 def table(rows: list[dict], concept: str) -> str:
     attribute = rows[0]["attribute"]
     other = "shape" if attribute == "colour" else "colour"  # the other attribute the concept's prompts name
+    seeds = len(rows[0]["reports"])
     head = (
-        f"| settings | {concept} rate, its prompts | {attribute} accuracy, other prompts (kept) | "
-        f"{other} accuracy, {concept} prompts | {concept} rate, unnamed prompts |"
+        f"| settings | {concept} rate, its prompts{' (range over evaluation seeds)' if seeds > 1 else ''} | "
+        f"{attribute} accuracy, other prompts (kept) | {other} accuracy, {concept} prompts | "
+        f"{concept} rate, unnamed prompts | erase wall time | frozen UNet evaluations | trained (fwd+bwd) |"
     )
-    lines = [head, "|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     base = rows[0]
     cells = ["base model"]
     cells += [f"{base['concept_rate_base']:.2f}", f"{base['others_accuracy_base']:.2f}"]
     cells += [f"{base['groups']['concept']['base']['accuracy'].get(other, float('nan')):.2f}"]
-    cells += [f"{base['groups']['unnamed']['base']['concept_rate']:.2f}"]
+    cells += [f"{base['groups']['unnamed']['base']['concept_rate']:.2f}", "", "", ""]
     lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
-        cells = [r["name"], f"{r['concept_rate_erased']:.2f}", f"{r['others_accuracy_erased']:.2f} ({kept:.0%})"]
+        cells = [r["name"], rate_range(r), f"{r['others_accuracy_erased']:.2f} ({kept:.0%})"]
         cells += [f"{r['groups']['concept']['erased']['accuracy'].get(other, float('nan')):.2f}"]
         cells += [f"{r['groups']['unnamed']['erased']['concept_rate']:.2f}"]
+        cells += [f"{r['erase_seconds']:.0f} s", f"{r['unet_calls']['frozen']:,}", f"{r['unet_calls']['trained']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def over_erase_seeds(rows: list[dict]) -> list[dict]:
+    """One row per setting apart from the erase seed: every run's evaluations pooled, times averaged."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        rest = {k: v for k, v in r["overrides"].items() if k != "seed"}
+        groups.setdefault(name_of(rest, None) + "|" + r["erase_prompts"], []).append(r)
+    pooled = []
+    for runs in groups.values():
+        reports = [rep for r in runs for rep in r["reports"].values()]
+        rest = {k: v for k, v in runs[0]["overrides"].items() if k != "seed"}
+        pooled.append(
+            {
+                **averaged(reports),
+                "name": name_of(rest, None) + f" ({len(runs)} erase seeds)",
+                "overrides": rest,
+                "erase_prompts": runs[0]["erase_prompts"],
+                "reports": {str(i): rep for i, rep in enumerate(reports)},
+                "erase_seconds": averaged([r["erase_seconds"] for r in runs]),
+                "unet_calls": averaged([r["unet_calls"] for r in runs]),
+            }
+        )
+    return pooled
+
+
+def plot_cost(rows: list[dict], concept: str, out: Path) -> None:
+    """Each setting's concept rate (mean and range over every erase and evaluation seed) against its
+    erase wall time, the other values' accuracy kept beside each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for r in rows:
+        rates = [rep["concept_rate_erased"] for rep in r["reports"].values()]
+        mean = sum(rates) / len(rates)
+        cached = r["overrides"].get("trajectories", 0) > 0
+        ax.errorbar(
+            r["erase_seconds"],
+            mean,
+            yerr=[[mean - min(rates)], [max(rates) - mean]],
+            fmt="o" if cached else "s",
+            color="tab:blue" if cached else "tab:red",
+            capsize=3,
+        )
+        kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
+        text = f"{label(r)}\n{kept:.0%} kept"
+        ax.annotate(text, (r["erase_seconds"], mean), xytext=(6, 2), textcoords="offset points", fontsize=7)
+    ax.plot([], [], "s", color="tab:red", label="per-iteration recipe")
+    ax.plot([], [], "o", color="tab:blue", label="fast mode (cached trajectories)")
+    ax.set_xscale("log")
+    ax.set_xlabel("erase wall time, seconds (log scale; 2-core CPU)")
+    ax.set_ylabel(f"rate of {concept} on prompts naming it")
+    title = f"erasing {concept!r}: mean and range over erase and evaluation seeds; lower left is better"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 def main() -> None:
     args = parse_args()
     concept = ev.parse_concept(args.concept)
     base_config = {**toy_config(), "concept": args.prompts or concept.value}
-    settings = EvaluateConfig(num_per_prompt=args.num_per_prompt)
+    settings = [EvaluateConfig(num_per_prompt=args.num_per_prompt, seed=seed) for seed in args.eval_seeds]
     prompts = ev.prompts_for(concept)
     pipe = load_pipeline(base_config["model"])
     ev.check_vocabulary(pipe, prompts)
-    sampler = Sampler(pipe, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
-    base = base_measurement(args.out, concept, settings, sampler, prompts)
+    first = settings[0]
+    sampler = Sampler(pipe, steps=first.steps, guidance=first.guidance, batch_size=first.batch_size)
+    base = {s.seed: base_measurement(args.out, concept, s, sampler, prompts) for s in settings}
 
     results = args.out / "results.jsonl"
     done = {}
     if results.exists():
         done = {r["name"]: r for r in map(json.loads, results.read_text().splitlines())}
-        if any(r["settings"] != dataclasses.asdict(settings) for r in done.values()):
+        if any(sorted(map(int, r["reports"])) != sorted(args.eval_seeds) for r in done.values()):
+            raise UserError(f"{results} holds runs measured at other evaluation seeds; use another --out")
+        if any(r["num_per_prompt"] != args.num_per_prompt for r in done.values()):
             raise UserError(f"{results} holds runs measured with other settings; use another --out")
     for overrides in combinations(args.set):
         name = name_of(overrides, args.prompts)
         if name not in done:
             cfg = EraseConfig(**{**base_config, **overrides, "workdir": str(args.out / name)})
             cfg.validate()
+            began = time.perf_counter()
             delta = erase(cfg)
+            seconds = time.perf_counter() - began
             erased = load_pipeline(cfg.model)
             apply_delta(erased, delta)
             sampler.set_unet(erased.unet)
-            measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))
-            report = ev.report(concept, prompts, settings, {"base": base, "erased": measured})
-            done[name] = {"name": name, "overrides": overrides, "erase_prompts": cfg.concept, **report}
+            reports = {}
+            for s in settings:
+                measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, s))
+                reports[str(s.seed)] = ev.report(concept, prompts, s, {"base": base[s.seed], "erased": measured})
+            done[name] = {
+                **averaged(list(reports.values())),
+                "name": name,
+                "overrides": overrides,
+                "erase_prompts": cfg.concept,
+                "num_per_prompt": args.num_per_prompt,
+                "erase_seconds": seconds,
+                "unet_calls": unet_calls(cfg, Path(cfg.workdir)),
+                "reports": reports,
+            }
             with open(results, "a") as f:
                 f.write(json.dumps(done[name]) + "\n")
-            print(
-                f"{name}: {concept.value} rate {report['concept_rate_erased']:.2f}, "
-                f"others {report['others_accuracy_erased']:.2f}"
-            )
+            others = done[name]["others_accuracy_erased"]
+            print(f"{name}: {concept.value} rate {rate_range(done[name])}, others {others:.2f}")
     rows = list(done.values())
+    text = table(rows, concept.value)
+    if any("seed" in r["overrides"] for r in rows):
+        pooled = over_erase_seeds(rows)
+        text += "\nAveraged over erase seeds (the range: over every erase and evaluation seed):\n\n"
+        text += table(pooled, concept.value)
+        plot_cost(pooled, concept.value, args.out / "cost.png")
     with atomic_file(args.out / "table.md") as tmp:
-        tmp.write_text(table(rows, concept.value))
+        tmp.write_text(text)
     plot(rows, concept.value, args.out / "tradeoff.png")
-    print(table(rows, concept.value))
+    print(text)
 
 
 if __name__ == "__main__":

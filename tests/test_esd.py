@@ -260,6 +260,34 @@ def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
             assert rel_err(cache.target[j, k], target[0]) <= 1e-5, (j, k)
 
 
+def test_fresh_caches_hold_the_next_trajectories_and_each_draws_its_own_pairs(sd1):
+    """With refresh_every, cache g holds trajectories g T ... (g + 1) T - 1 of the one stream, and the
+    steps of each cache draw distinct pairs of it, in an order of their own."""
+    from esd_jax.esd import pair_draws
+    from esd_jax.trajectories import make_trajectory_sampler
+
+    _, _, pipe = sd1
+    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    emb = encode_prompts(pipe, ["red circle", "van gogh", ""])
+    prompts = Prompts(concept=emb[:2], erase_from=None, null=emb[2])
+    obj, schedule = objective(), NoiseSchedule.from_config(pipe.scheduler_config)
+    rng = jax.random.key_data(jax.random.key(3))
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    second = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=2)(trainable, frozen, prompts, rng, 1)
+    both = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=4)(trainable, frozen, prompts, rng)
+    np.testing.assert_array_equal(second.concept, both.concept[2:])
+    # Batches of 2 against 4: equal up to the kernels' rounding.
+    assert rel_err(second.x_t, both.x_t[2:]) <= 1e-5 and rel_err(second.target, both.target[2:]) <= 1e-5
+
+    def pairs(steps):
+        drawn = [pair_draws(rng, jnp.int32(s), 3, 5, 4, refresh_every=3) for s in steps]
+        return [(int(j), int(k)) for js, ks in drawn for j, k in zip(js, ks, strict=True)]
+
+    first, next_ = pairs(range(3)), pairs(range(3, 6))  # a cache per 3 steps of 4 pairs: 12 of its 15
+    assert len(set(first)) == len(set(next_)) == 12
+    assert first != next_ and all(j < 3 and k < 5 for j, k in first + next_)
+
+
 def test_cached_steps_draw_distinct_pairs_and_agree_across_device_counts(sd1):
     from esd_jax.esd import pair_draws
     from esd_jax.trajectories import make_trajectory_sampler

@@ -384,3 +384,17 @@ def test_the_fast_mode_resumes_to_the_weights_of_one_run(sd1_folder, tmp_path):
     assert all(np.array_equal(resumed[k], once[k]) for k in once)
     with pytest.raises(UserError, match="cache only with xt_model='frozen'"):
         config(**settings(sd1_folder, tmp_path, trajectories=3, xt_model="trainable"))
+
+
+def test_fresh_caches_resume_to_the_weights_of_one_run(sd1_folder, tmp_path):
+    """Resumed inside the second cache (step 3 of refresh_every=2), a run samples that cache again and
+    ends where one uninterrupted run does; fresh caches train to other weights than one cache."""
+    fast = dict(trajectories=2, refresh_every=2, checkpoint_every=1)
+    once = load_file(erase(config(**settings(sd1_folder, tmp_path / "once", **fast))))
+    erase(config(**settings(sd1_folder, tmp_path / "twice", **fast, iterations=3)))
+    resumed = load_file(erase(config(**settings(sd1_folder, tmp_path / "twice", **fast))))
+    assert all(np.array_equal(resumed[k], once[k]) for k in once)
+    one_cache = load_file(erase(config(**settings(sd1_folder, tmp_path / "one", trajectories=2))))
+    assert any(not np.allclose(one_cache[k], once[k], rtol=1e-4) for k in once)
+    with pytest.raises(UserError, match="config.refresh_every=2: .* with config.trajectories > 0"):
+        config(**settings(sd1_folder, tmp_path, refresh_every=2))
