@@ -1,6 +1,7 @@
 """`esd-jax COMMAND [--flags]`: parses flags and calls one function per command, nothing more."""
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -189,8 +190,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def use_compilation_cache() -> None:
+    """Keeps XLA's compiled programs on disk, so that a resumed or repeated run compiles nothing.
+
+    Set through the environment, before JAX is imported: JAX_COMPILATION_CACHE_DIR moves the cache,
+    JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+    """
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(home / "esd-jax" / "xla"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))  # the least recently used go first
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
+    use_compilation_cache()
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())
         return 0 if len(argv) >= 2 else 2

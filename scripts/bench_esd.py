@@ -5,9 +5,11 @@
     python scripts/bench_esd.py --torch-grads trained   # torch computes gradients of the trained weights only
     python scripts/bench_esd.py --unet sd14 --iterations 3  # SD 1.4's own UNet (860M), 16x16 latents
     python scripts/bench_esd.py --compile-only      # the memory of only compiling the JAX step
+    python scripts/bench_esd.py --trajectories 4    # also the fast mode's seconds, amortised over 1000 iterations
+    python scripts/bench_esd.py --flops             # TFLOP of the recipe and the fast mode, SD 1.4 at 512 px
 
 The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 --iterations 3 about 7
-and 11 GB of memory (the PyTorch side's); results are in docs/benchmarks.md.
+and 11 GB of memory (the PyTorch side's), --flops 10 seconds; results are in docs/benchmarks.md.
 
 One ESD-x iteration: k guided DDIM steps from noise with the frozen UNet, its predictions e_c and e_0 at
 step k, the trainable UNet's prediction, MSE against e_c - 2 (e_c - e_0), backward, Adam on attn2. The
@@ -22,10 +24,18 @@ JAX draws its own inside the compiled step, reports them in its metrics, and the
 them, starting each iteration from the same noise, so the two loss sequences match too.
 
 Each framework runs in its own subprocess (JAX first, then PyTorch) so its resident memory is its own.
+
+--trajectories T: the JAX worker then also samples a fast-mode cache of T trajectories and times the
+cached steps (esd_jax.trajectories, made and called as esd_jax.train does); a run of --fast-iterations I
+iterations pays ceil(I / --refresh-every) caches, or one. The PyTorch side stays the per-iteration recipe.
+
+--flops: XLA's cost analysis of each program an iteration runs, lowered from shapes alone (no weights)
+for an accelerator, beside 2 x the multiply-adds of every matrix product and convolution in its jaxpr.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +67,10 @@ SCHEDULER = dict(
 # negative_guidance 2 with e_c as the base, which is eta = 1 with e_0 as the base here.
 DDIM_STEPS, START_GUIDANCE, LEARNING_RATE, SEED = 50, 3.0, 1e-5, 0
 GOALS = {"seconds": 0.8, "peak": 0.6}  # jax/torch at most
+# XLA's cost analysis counts a loop's body once, and CPUs run long attentions one head at a time in a
+# lax.map (esd_jax/models/attention.py): lowered for an accelerator instead, each program has XLA's
+# attention and convolutions and no loop but partial_sample's, as where SD runs at 512 px.
+FLOPS_PLATFORM = "cuda"
 
 
 def esd_objective(config: dict):
@@ -108,7 +122,130 @@ def compile_jax(config: dict) -> dict:
     )
 
 
-def run_jax(folder: Path, iterations: int, config: dict) -> dict:
+def flop_programs(config: dict) -> dict:
+    """name -> (function, abstract arguments, loops in its HLO) of each program an ESD-x iteration is made of,
+    from shapes alone, batch 1."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from esd_jax.esd import esd_loss, esd_target, partial_sample
+    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from esd_jax.partition import trainable_filter
+    from esd_jax.schedulers import NoiseSchedule
+
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
+    objective = esd_objective(config)
+    schedule = NoiseSchedule.from_config(SCHEDULER)
+    x = jax.ShapeDtypeStruct((1, *objective.latent_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    c = jax.ShapeDtypeStruct((1, 77, config["cross_attention_dim"]), jnp.float32)
+    null = jax.ShapeDtypeStruct(c.shape[1:], jnp.float32)
+
+    def guided_steps(original, frozen, noise, k, c, null):
+        return partial_sample(nnx.merge(graphdef, original, frozen), schedule, objective, noise, k, c, null)
+
+    def target(original, frozen, x_t, t, c, null):
+        return esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, c, null)
+
+    def forward_backward(trainable, frozen, x_t, t, c, target):
+        return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, c, target)
+
+    # partial_sample's loop runs k steps, a number XLA cannot know, so its cost is one guided step's.
+    return {
+        "(a) guided DDIM step, esd.partial_sample": (guided_steps, (trainable, frozen, x, t, c, null), 1),
+        "(b) esd.esd_target": (target, (trainable, frozen, x, t, c, null), 0),
+        "(c) value_and_grad(esd.esd_loss), attn2": (forward_backward, (trainable, frozen, x, t, c, x), 0),
+    }
+
+
+def multiply_adds(jaxpr, platform: str) -> int:
+    """The multiply-adds of every matrix product and convolution in `jaxpr`, from their shapes: a scan's
+    body times its length, a while loop's body once (as XLA counts it), of platform_dependent's branches
+    the one `platform` takes."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        out = math.prod(eqn.outvars[0].aval.shape)
+        if name == "dot_general":
+            (contracted, _), _ = params["dimension_numbers"]
+            total += out * math.prod(eqn.invars[0].aval.shape[d] for d in contracted)
+        elif name == "conv_general_dilated":
+            rhs_spec = params["dimension_numbers"].rhs_spec  # (output features, input features, *window)
+            total += out * math.prod(eqn.invars[1].aval.shape[d] for d in rhs_spec[1:])
+        elif name == "cond":
+            counts = [multiply_adds(branch.jaxpr, platform) for branch in params["branches"]]
+            chosen = params.get("branches_platforms")
+            if chosen is None:
+                total += max(counts)
+            else:
+                total += next(n for n, ps in zip(counts, chosen, strict=True) if ps is None or platform in ps)
+        else:
+            subs = [v for value in params.values() for v in (value if isinstance(value, tuple) else (value,))]
+            inner = sum(
+                multiply_adds(v.jaxpr if isinstance(v, ClosedJaxpr) else v, platform)
+                for v in subs
+                if isinstance(v, ClosedJaxpr | Jaxpr)
+            )
+            total += inner * (params["length"] if name == "scan" else 1)
+    return total
+
+
+def count_flops(fn, args, loops: int) -> dict:
+    """XLA's FLOPs of `fn` lowered for FLOPS_PLATFORM, and 2 x the multiply-adds of its jaxpr."""
+    import jax
+
+    began = time.perf_counter()
+    traced = jax.jit(fn).trace(*args)
+    # The lowered module's cost analysis: compiling it would take a GPU, and on a CPU minutes and gigabytes
+    # for the same count.
+    lowered = traced.lower(lowering_platforms=(FLOPS_PLATFORM,))
+    xla = lowered.cost_analysis()["flops"]
+    seconds = time.perf_counter() - began
+    found = lowered.as_text().count("stablehlo.while")
+    if found != loops:
+        sys.exit(f"{found} loops in the lowered program, not {loops}: XLA's count would leave iterations out")
+    return dict(xla=xla, macs=2 * multiply_adds(traced.jaxpr.jaxpr, FLOPS_PLATFORM), seconds=seconds)
+
+
+def report_flops(config: dict, trajectories: int, iterations: int, refresh_every: int) -> None:
+    began = time.perf_counter()
+    counts = {name: count_flops(*program) for name, program in flop_programs(config).items()}
+    step, target, backward = (c["xla"] / 1e12 for c in counts.values())
+    size = config["sample_size"]
+    blocks = "-".join(map(str, config["block_out_channels"]))
+    print(f"TFLOP of one ESD-x iteration's programs, SD-shaped UNet {blocks}, {size}x{size} latents ({8 * size} px)")
+    print(f"float32, batch 1, ddim_steps N = {DDIM_STEPS}, lowered for {FLOPS_PLATFORM} from shapes (no weights)")
+    print(f"{'per call':44s}{'XLA':>9s}{'2 x MACs':>10s}{'XLA/MACs':>10s}{'lowering s':>12s}")
+    for name, c in counts.items():
+        xla, macs = c["xla"] / 1e12, c["macs"] / 1e12
+        print(f"{name:44s}{xla:9.3f}{macs:10.3f}{xla / macs:10.3f}{c['seconds']:12.1f}")
+
+    def line(label: str, tflop: float) -> None:
+        print(f"  {label:62s}{tflop:9.3f}")
+
+    k = (DDIM_STEPS - 1) / 2
+    recipe = k * step + target + backward
+    caches = -(-iterations // refresh_every) if refresh_every else 1
+    sampled = caches * trajectories * DDIM_STEPS
+    fast = sampled * step / iterations + backward
+    print("per iteration (XLA's counts)")
+    # At batch 1 the sampling loop runs to the sample's own k, so E[largest k] = E[k].
+    line(f"recipe: E[k] = (N - 1) / 2 = {k} x (a) + (b) + (c)", recipe)
+    line(f"  of which sampling, {k} x (a)", k * step)
+    fresh = f"a fresh cache every {refresh_every}" if refresh_every else "one cache"
+    print(f"  fast: {trajectories} trajectories x N steps, {fresh}, over a run of {iterations} iterations")
+    line(f"  {caches} x {trajectories} x {DDIM_STEPS} = {sampled} x (a) / {iterations} + (c)", fast)
+    line(f"  of which sampling, {sampled / iterations:g} x (a)", sampled * step / iterations)
+    line("recipe / fast", recipe / fast)
+    print("the estimate to compare with, at 512 px: ~43 TFLOP per recipe iteration, ~39 of it sampling")
+    print(f"{time.perf_counter() - began:.0f} s in all, tracing and lowering on a CPU")
+
+
+def run_jax(folder: Path, iterations: int, config: dict, trajectories: int, refresh_every: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -135,9 +272,10 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
     base = rss_mb()
 
     objective = esd_objective(config)
+    schedule = NoiseSchedule.from_config(SCHEDULER)
     optimizer = optax.adam(LEARNING_RATE)
     state = parallel.place(initial_state(trainable, optimizer, SEED), mesh)
-    step = make_train_step(graphdef, NoiseSchedule.from_config(SCHEDULER), objective, optimizer, mesh, 1)
+    step = make_train_step(graphdef, schedule, objective, optimizer, mesh, 1)
     seconds, ks, losses = [], [], []
     for i in range(iterations + 1):
         began = time.perf_counter()
@@ -160,6 +298,11 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
         return jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(keys)
 
     np.save(folder / "noise.npy", np.stack([np.asarray(noise(i)) for i in range(iterations + 1)]))
+    # After the recipe's measurements, so that its peaks are its own.
+    fast = {}
+    if trajectories:
+        made = (graphdef, schedule, objective, optimizer, mesh)
+        fast = time_fast_mode(made, (original, frozen, prompts), iterations, trajectories, refresh_every)
     return dict(
         seconds=seconds,
         k=ks,
@@ -168,7 +311,43 @@ def run_jax(folder: Path, iterations: int, config: dict) -> dict:
         base_mb=base,
         peak_mb=max(first_peak, steady_peak),
         steady_peak_mb=steady_peak,
+        **fast,
     )
+
+
+def time_fast_mode(made: tuple, inputs: tuple, iterations: int, trajectories: int, refresh_every: int) -> dict:
+    """Seconds to compile the fast mode's trajectory sampler, to sample one cache, and of each cached step
+    (the first compiles), made from the recipe's (graphdef, schedule, objective, optimizer, mesh) and
+    called on its placed (original, frozen, prompts) as esd_jax.train does."""
+    import jax
+    import jax.numpy as jnp
+
+    from esd_jax import parallel
+    from esd_jax.esd import initial_state, make_train_step
+    from esd_jax.trajectories import make_trajectory_sampler
+
+    graphdef, schedule, objective, optimizer, mesh = made
+    original, frozen, prompts = inputs
+    state = parallel.place(initial_state(jax.tree.map(jnp.copy, original), optimizer, SEED), mesh)
+    sampler = make_trajectory_sampler(graphdef, schedule, objective, mesh, trajectories)
+    index = parallel.place(np.int32(0), mesh)
+    began = time.perf_counter()
+    sample = sampler.lower(original, frozen, prompts, state.rng, index).compile()
+    compiled = time.perf_counter()
+    cache = jax.block_until_ready(sample(original, frozen, prompts, state.rng, index))
+    sampled = time.perf_counter()
+    step = make_train_step(
+        graphdef, schedule, objective, optimizer, mesh, 1, trajectories=trajectories, refresh_every=refresh_every
+    )
+    seconds = []
+    for _ in range(iterations + 1):
+        began_step = time.perf_counter()
+        state, metrics = step(state, frozen, original, prompts, cache)
+        jax.device_get(metrics["loss"])
+        seconds.append(time.perf_counter() - began_step)
+    if step._cache_size() != 1:
+        sys.exit(f"the cached step compiled {step._cache_size()} times; the timings include compiling")
+    return dict(sampler_compile_seconds=compiled - began, cache_seconds=sampled - compiled, fast_seconds=seconds)
 
 
 def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads: str) -> dict:
@@ -259,20 +438,42 @@ def main() -> None:
         help="which esd UNet parameters require grad in torch: all (as esd_sd.py) or the trained attn2 ones",
     )
     parser.add_argument(
-        "--unet", choices=list(UNETS), default="reduced", help="reduced: 37.5M parameters; sd14: SD 1.4's (860M)"
+        "--unet",
+        choices=list(UNETS),
+        help="reduced: 37.5M parameters; sd14: SD 1.4's (860M). Default: reduced, sd14 with --flops",
     )
     parser.add_argument(
         "--compile-only",
         action="store_true",
         help="only compile the JAX step from shapes (no weights) and print that process's memory",
     )
+    parser.add_argument(
+        "--flops", action="store_true", help="count the FLOPs of the recipe and the fast mode from shapes, no run"
+    )
+    parser.add_argument("--latent", type=int, default=64, help="latent size for --flops (64: 512 px)")
+    parser.add_argument(
+        "--trajectories",
+        type=int,
+        default=0,
+        help="also time the fast mode with this many cached trajectories (--flops: default 20)",
+    )
+    parser.add_argument(
+        "--fast-iterations", type=int, default=1000, help="the run the fast mode's cache is amortised over"
+    )
+    parser.add_argument("--refresh-every", type=int, default=0, help="the fast mode's fresh cache every M iterations")
     parser.add_argument("--worker", choices=["jax", "torch", "compile"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.unet = args.unet or ("sd14" if args.flops else "reduced")
     config = UNETS[args.unet]
+    if args.flops:
+        trajectories = args.trajectories or 20
+        report_flops({**config, "sample_size": args.latent}, trajectories, args.fast_iterations, args.refresh_every)
+        return
+    fast = ["--trajectories", str(args.trajectories), "--refresh-every", str(args.refresh_every)]
     if args.worker == "jax":
-        print(json.dumps(run_jax(args.dir, args.iterations, config)))
+        print(json.dumps(run_jax(args.dir, args.iterations, config, args.trajectories, args.refresh_every)))
         return
     if args.worker == "compile":
         print(json.dumps(compile_jax(config)))
@@ -295,7 +496,7 @@ def main() -> None:
         rng = np.random.default_rng(SEED)
         shape = (77, config["cross_attention_dim"])
         np.savez(folder / "prompts.npz", **{key: rng.standard_normal(shape, np.float32) for key in ("concept", "null")})
-        j = worker("jax", folder, args.iterations, args.unet, [])
+        j = worker("jax", folder, args.iterations, args.unet, fast)
         replay = ["--torch-grads", args.torch_grads, "--k", *map(str, j["k"])]
         t = worker("torch", folder, args.iterations, args.unet, replay)
 
@@ -342,6 +543,34 @@ def main() -> None:
             else ""
         )
     )
+    if args.trajectories:
+        report_fast(j, np.mean(t["seconds"][1:]), args.trajectories, args.fast_iterations, args.refresh_every)
+
+
+def report_fast(j: dict, torch_seconds: float, trajectories: int, iterations: int, refresh_every: int) -> None:
+    caches = -(-iterations // refresh_every) if refresh_every else 1
+    step = np.mean(j["fast_seconds"][1:])
+    fast = j["cache_seconds"] * caches / iterations + step
+    recipe = np.mean(j["seconds"][1:])
+
+    def line(label: str, seconds: float, note: str = "") -> None:
+        print(f"  {label:56s}{seconds:8.2f} s{note}")
+
+    fresh = f"a fresh cache every {refresh_every}" if refresh_every else "one cache"
+    print(
+        f"fast mode: {trajectories} trajectories x {DDIM_STEPS} steps, {fresh}, over a run of {iterations} iterations"
+    )
+    line("compiling the trajectory sampler", j["sampler_compile_seconds"])
+    line(f"sampling a cache: {DDIM_STEPS} UNet calls at batch {2 * trajectories}", j["cache_seconds"])
+    line(
+        f"cached step, mean of {len(j['fast_seconds']) - 1} after a warm-up one",
+        step,
+        f" (first {j['fast_seconds'][0]:.2f} s)",
+    )
+    line(f"{caches} x the cache / {iterations} + the cached step", fast, " / iteration")
+    print(f"{'':34s}{'torch':>10s}{'jax fast':>10s}{'fast/torch':>11s}")
+    print(f"{'seconds / iteration':34s}{torch_seconds:10.2f}{fast:10.2f}{fast / torch_seconds:11.3f}")
+    print(f"jax recipe / jax fast: {recipe:.2f} / {fast:.2f} s = {recipe / fast:.1f}")
 
 
 if __name__ == "__main__":

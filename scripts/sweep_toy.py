@@ -187,25 +187,36 @@ def rate_range(row: dict) -> str:
     return f"{mean:.2f}" if len(rates) == 1 else f"{mean:.2f} ({min(rates):.2f}-{max(rates):.2f})"
 
 
+def worst_prompt(row: dict) -> str:
+    """The prompt naming the concept that keeps it most often (its rate over every evaluation seed)."""
+    rates: dict[str, list[float]] = {}
+    for report in row["reports"].values():
+        for text, p in report["prompts"].items():
+            if p["group"] == "concept":
+                rates.setdefault(text, []).append(p["erased"]["concept_rate"])
+    text, values = max(rates.items(), key=lambda item: sum(item[1]))
+    return f"{sum(values) / len(values):.2f} ({text})"
+
+
 def table(rows: list[dict], concept: str) -> str:
     attribute = rows[0]["attribute"]
     other = "shape" if attribute == "colour" else "colour"  # the other attribute the concept's prompts name
     seeds = len(rows[0]["reports"])
     head = (
         f"| settings | {concept} rate, its prompts{' (range over evaluation seeds)' if seeds > 1 else ''} | "
-        f"{attribute} accuracy, other prompts (kept) | {other} accuracy, {concept} prompts | "
+        f"worst prompt | {attribute} accuracy, other prompts (kept) | {other} accuracy, {concept} prompts | "
         f"{concept} rate, unnamed prompts | erase wall time | frozen UNet evaluations | trained (fwd+bwd) |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     base = rows[0]
     cells = ["base model"]
-    cells += [f"{base['concept_rate_base']:.2f}", f"{base['others_accuracy_base']:.2f}"]
+    cells += [f"{base['concept_rate_base']:.2f}", "", f"{base['others_accuracy_base']:.2f}"]
     cells += [f"{base['groups']['concept']['base']['accuracy'].get(other, float('nan')):.2f}"]
     cells += [f"{base['groups']['unnamed']['base']['concept_rate']:.2f}", "", "", ""]
     lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
-        cells = [r["name"], rate_range(r), f"{r['others_accuracy_erased']:.2f} ({kept:.0%})"]
+        cells = [r["name"], rate_range(r), worst_prompt(r), f"{r['others_accuracy_erased']:.2f} ({kept:.0%})"]
         cells += [f"{r['groups']['concept']['erased']['accuracy'].get(other, float('nan')):.2f}"]
         cells += [f"{r['groups']['unnamed']['erased']['concept_rate']:.2f}"]
         cells += [f"{r['erase_seconds']:.0f} s", f"{r['unet_calls']['frozen']:,}", f"{r['unet_calls']['trained']:,}"]

@@ -398,3 +398,18 @@ def test_fresh_caches_resume_to_the_weights_of_one_run(sd1_folder, tmp_path):
     assert any(not np.allclose(one_cache[k], once[k], rtol=1e-4) for k in once)
     with pytest.raises(UserError, match="config.refresh_every=2: .* with config.trajectories > 0"):
         config(**settings(sd1_folder, tmp_path, refresh_every=2))
+
+
+def test_the_cli_keeps_compiled_programs_in_the_user_cache(monkeypatch, tmp_path):
+    """The persistent compilation cache: under XDG_CACHE_HOME by default, where the user says otherwise."""
+    from esd_jax.cli import use_compilation_cache
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    use_compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "esd-jax" / "xla")
+    assert int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]) == 4 * 2**30
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    use_compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "mine")
