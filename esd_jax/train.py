@@ -7,6 +7,7 @@ Orbax checkpoint in the workdir and ends with the same weights as an uninterrupt
 import contextlib
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -59,6 +60,14 @@ def erase(cfg: EraseConfig) -> Path:
                 f"out of device memory at batch_per_device={cfg.batch_per_device}, resolution={cfg.resolution} "
                 "(0: native); lower them, or set shard_params=True on several devices"
             ) from None
+
+
+def compile_side_by_side(*programs: tuple) -> None:
+    """Compiles each (jitted function, arguments) in a thread of its own; their calls then find them
+    compiled. XLA compiles one program on about one core, and the fast mode's two are independent."""
+    with ThreadPoolExecutor(len(programs)) as pool:
+        for done in [pool.submit(lambda f=f, args=args: f.lower(*args).compile()) for f, args in programs]:
+            done.result()
 
 
 def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path) -> Path:
@@ -139,6 +148,12 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         if main:
             fresh = f", fresh ones every {cfg.refresh_every} iterations" if cfg.refresh_every else ""
             print(f"caching {cfg.trajectories} trajectories: {cfg.trajectories * cfg.ddim_steps} training pairs{fresh}")
+        index = parallel.place(np.int32(0), mesh)
+        cache_shapes = jax.eval_shape(sample_cache, original, frozen, prompts, state.rng, index)
+        compile_side_by_side(
+            (sample_cache, (original, frozen, prompts, state.rng, index)),
+            (step_fn, (state, frozen, original, prompts, cache_shapes)),
+        )
 
     def cache_for(step: int):
         """The cache that step `step` (counted from 1) trains on, sampled when it changes: from the seed

@@ -13,11 +13,12 @@ trajectories g T ... (g + 1) T - 1 of the same stream, so no two caches share on
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from esd_jax.esd import TRAJECTORY_STREAM, guided, negatively_guided
@@ -92,7 +93,8 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
         check_vma=False,  # as in the ESD step: replicated weights meet each device's own trajectories
     )
 
-    @jax.jit
+    # Stated rather than left to the compiler, so that the step can be compiled for the cache before it exists.
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P(AXIS)))
     def sample(original, frozen, prompts, rng, cache=0) -> Trajectories:
         concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0], first=cache * count)
         x_t, target = sharded(original, frozen, prompts, concept, noise_keys)
