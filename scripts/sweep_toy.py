@@ -216,7 +216,12 @@ def table(rows: list[dict], concept: str) -> str:
     lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
-        cells = [r["name"], rate_range(r), worst_prompt(r), f"{r['others_accuracy_erased']:.2f} ({kept:.0%})"]
+        cells = [
+            r["name"].replace("|", "\\|"),
+            rate_range(r),
+            worst_prompt(r),
+            f"{r['others_accuracy_erased']:.2f} ({kept:.0%})",
+        ]
         cells += [f"{r['groups']['concept']['erased']['accuracy'].get(other, float('nan')):.2f}"]
         cells += [f"{r['groups']['unnamed']['erased']['concept_rate']:.2f}"]
         cells += [f"{r['erase_seconds']:.0f} s", f"{r['unet_calls']['frozen']:,}", f"{r['unet_calls']['trained']:,}"]
@@ -242,45 +247,59 @@ def over_erase_seeds(rows: list[dict]) -> list[dict]:
                 "erase_prompts": runs[0]["erase_prompts"],
                 "reports": {str(i): rep for i, rep in enumerate(reports)},
                 "erase_seconds": averaged([r["erase_seconds"] for r in runs]),
-                "unet_calls": averaged([r["unet_calls"] for r in runs]),
+                "unet_calls": {k: round(v) for k, v in averaged([r["unet_calls"] for r in runs]).items()},
             }
         )
     return pooled
 
 
+def short_label(row: dict) -> str:
+    """A point's name in cost.png: the recipe or T trajectories, then its other overrides."""
+    rest = {k: v for k, v in row["overrides"].items() if k != "trajectories"}
+    t = row["overrides"].get("trajectories", 0)
+    head = f"T = {t}" if t else "recipe"
+    return ", ".join([head] + ([label({**row, "overrides": rest})] if rest else []))
+
+
 def plot_cost(rows: list[dict], concept: str, out: Path) -> None:
-    """Each setting's concept rate (mean and range over every erase and evaluation seed) against its
-    erase wall time, the other values' accuracy kept beside each point."""
+    """Each setting's concept rate (mean, and range over every erase and evaluation seed) against its
+    frozen UNet evaluations and its erase wall time, the other values' accuracy kept beside each point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for r in rows:
-        rates = [rep["concept_rate_erased"] for rep in r["reports"].values()]
-        mean = sum(rates) / len(rates)
-        cached = r["overrides"].get("trajectories", 0) > 0
-        ax.errorbar(
-            r["erase_seconds"],
-            mean,
-            yerr=[[mean - min(rates)], [max(rates) - mean]],
-            fmt="o" if cached else "s",
-            color="tab:blue" if cached else "tab:red",
-            capsize=3,
-        )
-        kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
-        text = f"{label(r)}\n{kept:.0%} kept"
-        ax.annotate(text, (r["erase_seconds"], mean), xytext=(6, 2), textcoords="offset points", fontsize=7)
-    ax.plot([], [], "s", color="tab:red", label="per-iteration recipe")
-    ax.plot([], [], "o", color="tab:blue", label="fast mode (cached trajectories)")
-    ax.set_xscale("log")
-    ax.set_xlabel("erase wall time, seconds (log scale; 2-core CPU)")
-    ax.set_ylabel(f"rate of {concept} on prompts naming it")
-    title = f"erasing {concept!r}: mean and range over erase and evaluation seeds; lower left is better"
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
+    for ax, key, title in (
+        (axes[0], lambda r: r["unet_calls"]["frozen"], "frozen UNet evaluations, one image each (log scale)"),
+        (axes[1], lambda r: r["erase_seconds"], "erase wall time, seconds (log scale; 2-core CPU)"),
+    ):
+        for n, r in enumerate(sorted(rows, key=key)):
+            rates = [rep["concept_rate_erased"] for rep in r["reports"].values()]
+            mean = sum(rates) / len(rates)
+            cached = r["overrides"].get("trajectories", 0) > 0
+            colour = "tab:blue" if cached else "tab:red"
+            x = key(r)
+            ax.errorbar(x, mean, yerr=[[mean - min(rates)], [max(rates) - mean]], fmt="o", color=colour, capsize=3)
+            kept = r["others_accuracy_erased"] / r["others_accuracy_base"]
+            offset = (6, 10 if n % 2 else -16)  # alternate sides, so that neighbouring labels do not overlap
+            text = f"{short_label(r)}: {mean:.2f}, {kept:.0%} kept"
+            ax.annotate(text, (x, mean), xytext=offset, textcoords="offset points", fontsize=7, color=colour)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlabel(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(x=0.3)
+    axes[0].set_ylabel(f"rate of {concept} on prompts naming it")
+    axes[0].plot([], [], "o", color="tab:red", label="per-iteration recipe")
+    axes[0].plot([], [], "o", color="tab:blue", label="fast mode, T cached trajectories")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(
+        f"erasing {concept!r} from the toy model: mean over erase and evaluation seeds, bars their range; "
+        "lower left is better",
+        fontsize=10,
+    )
     fig.tight_layout()
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png")
