@@ -67,9 +67,10 @@ def toy_config(**overrides) -> EraseConfig:
 
 
 def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_property):
-    """The README's first command (configs/toy.py), its erased model measured on 8 images per prompt.
-    Issue 5's targets: red on at most 10% of the red prompts' images (from 1.00) and the other colours
-    keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.08 and 0.95 on 16 per prompt).
+    """The README's first command (configs/toy.py, the fast mode), its erased model measured on 8 images
+    per prompt. Issue 5's targets: red on at most 10% of the red prompts' images (from 1.00) and the
+    other colours keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.11 and 0.92 at
+    this erase seed and evaluation seed 0 on 16 per prompt, 0.16 and 0.94 pooled over three of each).
     The base model's side is test_quality_gate's; the floors leave room for the smaller sample."""
     # The README's global batch (4 samples an iteration on one device) over this suite's 4 devices: the
     # same samples, so the same erasure (results depend on the seed and the global batch only).
