@@ -85,13 +85,24 @@ def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps:
     return k, concept, noise_keys
 
 
+def cache_of(step, refresh_every: int):
+    """(the fast mode's cache, the step within it) of training step `step` (counted from 0): with
+    `refresh_every` a fresh cache every that many steps, else one for the run."""
+    return (step // refresh_every, step % refresh_every) if refresh_every else (0, step)
+
+
+def caches_in(iterations: int, refresh_every: int) -> int:
+    """How many caches a run of `iterations` steps samples."""
+    return cache_of(iterations - 1, refresh_every)[0] + 1
+
+
 def pair_draws(rng: jax.Array, step: jax.Array, count: int, ddim_steps: int, global_batch: int, refresh_every: int = 0):
     """(trajectory [B], step k [B]) of the batch at training step `step` from the cache in use then
-    (with `refresh_every`, cache step // refresh_every): every epoch of count * ddim_steps // B steps
-    within one cache draws distinct pairs, in an order from (seed, cache, epoch)."""
+    (cache_of): every epoch of count * ddim_steps // B steps within one cache draws distinct pairs, in
+    an order from (seed, cache, epoch)."""
     pairs = count * ddim_steps
     per_epoch = pairs // global_batch
-    cache, local = (step // refresh_every, step % refresh_every) if refresh_every else (0, step)
+    cache, local = cache_of(step, refresh_every)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, PAIR_STREAM), cache), local // per_epoch)
     order = jax.random.permutation(key, pairs)
     chosen = jax.lax.dynamic_slice(order, ((local % per_epoch) * global_batch,), (global_batch,))

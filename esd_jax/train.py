@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, TrainState, initial_state, make_train_step
+from esd_jax.esd import Objective, Prompts, TrainState, cache_of, initial_state, make_train_step
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
@@ -159,7 +159,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         """The cache that step `step` (counted from 1) trains on, sampled when it changes: from the seed
         alone, so a resumed run samples the one it was using again rather than storing it."""
         nonlocal cache, cache_index
-        index = (step - 1) // cfg.refresh_every if cfg.refresh_every else 0
+        index = cache_of(step - 1, cfg.refresh_every)[0]
         if cfg.trajectories and index != cache_index:
             cache = None  # its memory goes before the next one is made
             cache = sample_cache(original, frozen, prompts, state.rng, parallel.place(np.int32(index), mesh))

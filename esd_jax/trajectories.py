@@ -68,6 +68,11 @@ def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array,
     return xs.swapaxes(0, 1), targets.swapaxes(0, 1)
 
 
+def padded_count(count: int, devices: int) -> int:
+    """The trajectories sampled for `count`: the next multiple of the device count."""
+    return -(-count // devices) * devices
+
+
 def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: Mesh, count: int):
     """The jit-compiled (original, frozen, prompts, rng, cache=0) -> Trajectories, cache g holding
     trajectories g count ... (g + 1) count - 1; each device samples its share.
@@ -75,8 +80,7 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     The count is padded to a multiple of the device count with trajectories no step draws from, so the
     pairs depend on the seed and the count only.
     """
-    n = mesh.devices.size
-    padded = -(-count // n) * n
+    padded = padded_count(count, mesh.devices.size)
 
     def local(original, frozen, prompts, concept, noise_keys):
         c = prompts.concept[concept]

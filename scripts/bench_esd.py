@@ -229,7 +229,9 @@ def report_flops(config: dict, trajectories: int, iterations: int, refresh_every
 
     k = (DDIM_STEPS - 1) / 2
     recipe = k * step + target + backward
-    caches = -(-iterations // refresh_every) if refresh_every else 1
+    from esd_jax.esd import caches_in
+
+    caches = caches_in(iterations, refresh_every)
     sampled = caches * trajectories * DDIM_STEPS
     fast = sampled * step / iterations + backward
     print("per iteration (XLA's counts)")
@@ -548,7 +550,9 @@ def main() -> None:
 
 
 def report_fast(j: dict, torch_seconds: float, trajectories: int, iterations: int, refresh_every: int) -> None:
-    caches = -(-iterations // refresh_every) if refresh_every else 1
+    from esd_jax.esd import caches_in
+
+    caches = caches_in(iterations, refresh_every)
     step = np.mean(j["fast_seconds"][1:])
     fast = j["cache_seconds"] * caches / iterations + step
     recipe = np.mean(j["seconds"][1:])

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import sys
 import textwrap
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from esd_jax.config import EraseConfig, EvaluateConfig
 from esd_jax.errors import UserError
+from esd_jax.esd import caches_in
 from esd_jax.files import atomic_file
 from esd_jax.metrics import MetricsLog
 from esd_jax.pipeline import load_pipeline
@@ -37,6 +37,7 @@ from esd_jax.run import apply_delta
 from esd_jax.sampling.sampler import Sampler
 from esd_jax.toy import evaluate as ev
 from esd_jax.train import erase
+from esd_jax.trajectories import padded_count
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.py"
 
@@ -115,8 +116,8 @@ def unet_calls(cfg: EraseConfig, workdir: Path) -> dict[str, int]:
     devices = len(rows[0]["k"]) // b
     trained = sum(len(r["k"]) for r in rows)
     if cfg.trajectories:
-        padded = -(-cfg.trajectories // devices) * devices
-        caches = math.ceil(cfg.iterations / cfg.refresh_every) if cfg.refresh_every else 1
+        padded = padded_count(cfg.trajectories, devices)
+        caches = caches_in(cfg.iterations, cfg.refresh_every)
         return {"frozen": caches * padded * cfg.ddim_steps * contexts, "trained": trained}
     frozen = 0
     for r in rows:
@@ -130,7 +131,7 @@ def averaged(reports: list[dict]):
     first = reports[0]
     if isinstance(first, dict):
         return {k: averaged([r[k] for r in reports]) for k in first}
-    if isinstance(first, float | int) and not isinstance(first, bool) and first is not None:
+    if isinstance(first, float | int) and not isinstance(first, bool):
         return sum(reports) / len(reports)
     return first
 

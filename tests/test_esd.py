@@ -263,7 +263,7 @@ def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
 def test_fresh_caches_hold_the_next_trajectories_and_each_draws_its_own_pairs(sd1):
     """With refresh_every, cache g holds trajectories g T ... (g + 1) T - 1 of the one stream, and the
     steps of each cache draw distinct pairs of it, in an order of their own."""
-    from esd_jax.esd import pair_draws
+    from esd_jax.esd import caches_in, pair_draws
     from esd_jax.trajectories import make_trajectory_sampler
 
     _, _, pipe = sd1
@@ -284,6 +284,7 @@ def test_fresh_caches_hold_the_next_trajectories_and_each_draws_its_own_pairs(sd
         return [(int(j), int(k)) for js, ks in drawn for j, k in zip(js, ks, strict=True)]
 
     first, next_ = pairs(range(3)), pairs(range(3, 6))  # a cache per 3 steps of 4 pairs: 12 of its 15
+    assert [caches_in(n, 3) for n in (1, 3, 4, 6, 7)] == [1, 1, 2, 2, 3] and caches_in(7, 0) == 1
     assert len(set(first)) == len(set(next_)) == 12
     assert first != next_ and all(j < 3 and k < 5 for j, k in first + next_)
 
