@@ -8,8 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["esd_jax", "esd_jax.*"]),
     # The embedded toy pipeline (`--model toy`), a diffusers folder of about 8 MB.
+    # The networks' configs of the hub models `esd-jax plan` knows without a download.
     package_data={
-        "esd_jax.toy": ["pipeline/*.json", "pipeline/*/*.json", "pipeline/*/*.txt", "pipeline/*/*.safetensors"]
+        "esd_jax.toy": ["pipeline/*.json", "pipeline/*/*.json", "pipeline/*/*.txt", "pipeline/*/*.safetensors"],
+        "esd_jax": ["known_models/*/*.json", "known_models/*/*/*.json"],
     },
     python_requires=">=3.11",
     install_requires=[
@@ -31,7 +33,9 @@ setup(
         # PyTorch is only the reference in tests and the loader check of exports; install the CPU
         # build first (`pip install torch==2.13.0`) or this pulls a multi-GB CUDA build.
         "torch": ["torch>=2.4", "diffusers>=0.35"],
-        "test": ["torch>=2.4", "diffusers>=0.35", "pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
+        # libtpu (through jax[tpu], about 140 MB) compiles for TPU topologies on any host: `esd-jax plan`.
+        "tpu": ["jax[tpu]>=0.10"],
+        "test": ["torch>=2.4", "diffusers>=0.35", "pytest>=8", "chex>=0.1.90", "ruff>=0.6", "jax[tpu]>=0.10"],
     },
     entry_points={"console_scripts": ["esd-jax=esd_jax.cli:main"]},
 )

@@ -23,13 +23,13 @@ def info(argv: list[str]) -> None:
     print(describe(fv.model, fv.dtype))
 
 
-def erase(argv: list[str]) -> None:
+def erase_config(fv: flags.FlagValues, argv: list[str], usage: str):
+    """The EraseConfig of `--config FILE [--config.KEY=VALUE ...]` and any flags `fv` defines besides."""
     import ml_collections
     from ml_collections import config_flags
 
     from esd_jax.config import EraseConfig
 
-    fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config",
         None,
@@ -38,7 +38,10 @@ def erase(argv: list[str]) -> None:
         lock_config=True,
     )
     if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(f"usage: {argv[0]} --config configs/esd_x.py [--config.KEY=VALUE ...]\n\nconfig keys (defaults):")
+        print(f"usage: {argv[0]} {usage}\n")
+        if len(list(fv)) > 1:  # flags besides --config
+            print(fv.get_help(include_special_flags=False) + "\n")
+        print("config keys (defaults):")
         for field in dataclasses.fields(EraseConfig):
             print(f"  --config.{field.name}={field.default!r}")
         sys.exit(0)
@@ -52,11 +55,85 @@ def erase(argv: list[str]) -> None:
             f"cannot load the config file {fv['config'].config_filename!r}: no such file, or it "
             "fails to import; configs/ holds esd_x.py, esd_x_strict.py, esd_u.py, esd_all.py"
         )
+    return EraseConfig.from_config_dict(config)
+
+
+def erase(argv: list[str]) -> None:
+    cfg = erase_config(flags.FlagValues(), argv, "--config configs/esd_x.py [--config.KEY=VALUE ...]")
     from esd_jax.train import erase as run
 
-    path = run(EraseConfig.from_config_dict(config))
+    path = run(cfg)
     if path.exists():
         print(f"erased weights: {path}")
+
+
+def plan(argv: list[str]) -> None:
+    # A plan reports the compile time it saw: programs from the cache would hide it.
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    if len(argv) > 1 and argv[1] == "sample":
+        return plan_sampling([f"{argv[0]} sample", *argv[2:]])
+    fv = flags.FlagValues()
+    define_plan_flags(fv)
+    cfg = erase_config(fv, argv, "--config configs/esd_x.py [--config.KEY=VALUE ...] --topology v5e:2x4 [--json F]")
+    if fv.topology is None:
+        raise UserError(f"give --topology: {argv[0]} --config configs/esd_x.py --topology v5e:2x4")
+    from esd_jax import plan as planning
+
+    found = planning.plan_erase(cfg, fv.topology)
+    show_plan(found, fv.json, planning.erase_changes(cfg, found.topo))
+
+
+def plan_sampling(argv: list[str]) -> None:
+    from esd_jax.config import EMBEDDED_NAME, SAMPLE_DTYPES, SCHEDULERS, SampleConfig
+
+    fv = flags.FlagValues()
+    define_plan_flags(fv)
+    flags.DEFINE_string(
+        "model", EMBEDDED_NAME, "A diffusers folder (its configs suffice), a hub id or toy.", flag_values=fv
+    )
+    flags.DEFINE_integer("batch_size", 8, "Images per compiled call, over all devices.", flag_values=fv)
+    flags.DEFINE_integer("resolution", 0, "Image side in pixels; 0: the model's native size.", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "Denoising steps (default: the model's, as esd-jax sample).", flag_values=fv)
+    flags.DEFINE_float("guidance", None, "Guidance scale (default: the model's, as esd-jax sample).", flag_values=fv)
+    flags.DEFINE_enum("scheduler", "ddim", SCHEDULERS, "The sampler.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", SAMPLE_DTYPES, "Compute dtype.", flag_values=fv)
+    parse(fv, argv)
+    if fv.topology is None:
+        raise UserError(f"give --topology: {argv[0]} --model CompVis/stable-diffusion-v1-4 --topology v5e:2x4")
+    if fv.batch_size < 1 or (fv.steps is not None and fv.steps < 1):
+        raise UserError("--batch_size and --steps must be at least 1")
+    steps, guidance = SampleConfig(steps=fv.steps, guidance=fv.guidance).sampling(fv.model)
+    from esd_jax import plan as planning
+
+    found = planning.plan_sample(
+        fv.model,
+        fv.topology,
+        batch_size=fv.batch_size,
+        resolution=fv.resolution,
+        steps=steps,
+        guidance=guidance,
+        scheduler=fv.scheduler,
+        dtype=fv.dtype,
+    )
+    changes = ["--dtype bfloat16"] if fv.dtype == "float32" else []
+    show_plan(found, fv.json, [*changes, "a smaller --batch_size", "a smaller --resolution"])
+
+
+def define_plan_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "topology", None, "A TPU slice: v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, v5e:4x4 (4 hosts), ...", flag_values=fv
+    )
+    flags.DEFINE_string("json", None, "Also write the plan to this JSON file.", flag_values=fv)
+
+
+def show_plan(found, json_path: str | None, changes: list[str]) -> None:
+    from esd_jax import plan as planning
+
+    print(planning.report(found))
+    if json_path:
+        planning.write_json(found, Path(json_path))
+    if not found.fits:
+        raise UserError(planning.misfit(found, changes))
 
 
 def export(argv: list[str]) -> None:
@@ -125,6 +202,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
     "evaluate": (evaluate, "toy model: how often the erased concept still appears, and what else changed"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
+    "plan": (plan, "compile the erase step (plan sample: the sampler) for a TPU topology: memory, FLOPs, time"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),
     "sample": (sample, "sample images from a prompt or a prompt CSV, base or erased model; resumes a run"),
 }
@@ -171,12 +249,15 @@ def parse(fv: flags.FlagValues, argv: list[str]) -> None:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
         print(f"usage: {argv[0]} [--flags]\n\n{fv.get_help(include_special_flags=False)}")
         sys.exit(0)
+    saved, sys.argv = sys.argv, argv  # config_flags reads the --config.KEY overrides from sys.argv
     try:
         extra = fv(argv)[1:]
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections reports an override of an unknown key as AttributeError/KeyError.
         message = str(e).strip("\"'").splitlines()[0]
         raise UserError(f"bad flag or config override ({message}); see `{argv[0]} --help`") from None
+    finally:
+        sys.argv = saved
     if extra:
         raise UserError(
             f"unexpected argument {extra[0]!r}: every value follows a flag, and one with spaces is quoted "

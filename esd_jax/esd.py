@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from esd_jax import parallel
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
 
@@ -63,6 +64,23 @@ def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int)
         opt_state=optimizer.init(trainable),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
+
+
+def input_shardings(mesh: Mesh, state: TrainState, frozen, original, prompts: Prompts, *, shard_params: bool):
+    """Where the step wants (state, frozen, original, prompts), arrays or shapes: the trained weights, the
+    step and the key replicated, and with `shard_params` the frozen weights, the originals and the
+    optimizer state sharded over the mesh."""
+
+    def sharded(tree):
+        return parallel.shardings(tree, mesh, shard=shard_params)
+
+    placed = TrainState(
+        step=parallel.shardings(state.step, mesh),
+        trainable=parallel.shardings(state.trainable, mesh),
+        opt_state=sharded(state.opt_state),
+        rng=parallel.shardings(state.rng, mesh),
+    )
+    return placed, sharded(frozen), sharded(original), parallel.shardings(prompts, mesh)
 
 
 def all_finite(tree) -> jax.Array:
@@ -127,10 +145,15 @@ def partial_sample(
     k: jax.Array,
     cond: jax.Array,
     null: jax.Array,
-) -> jax.Array:
-    """x_t after k_b guided DDIM steps from noise, per sample b (k_b = 0: the noise itself).
+    *,
+    predictions: bool = False,
+):
+    """x_t after k_b guided DDIM steps from noise, per sample b (k_b = 0: the noise itself); with
+    `predictions`, (x_t, e_null, e_cond): also the guided step's two predictions at x_t (float32), from
+    one more turn of the same loop rather than a UNet call of their own, which XLA would compile again.
 
-    The loop runs to the largest k of the local batch; samples already at their k stay put.
+    The loop runs to the largest k of the local batch (one further with `predictions`); samples already
+    at their k stay put.
     """
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
     prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
@@ -138,14 +161,36 @@ def partial_sample(
     context = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond])  # [2B, L, D]: uncond, cond
 
     def body(carry):
-        i, x = carry
+        i, x, at_x_t = carry
         t = jnp.full((2 * b,), timesteps[i])
         e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
         x_next = ddim_step(schedule, guided(objective, e_null, e_cond), timesteps[i], prev[i], x)
-        return i + 1, jnp.where((i < k)[:, None, None, None], x_next, x)
+        here = (i == k)[:, None, None, None]
+        e_null, e_cond = (e.astype(jnp.float32) for e in (e_null, e_cond))
+        at_x_t = (jnp.where(here, e_null, at_x_t[0]), jnp.where(here, e_cond, at_x_t[1]))
+        return i + 1, jnp.where((i < k)[:, None, None, None], x_next, x), at_x_t
 
-    _, x = jax.lax.while_loop(lambda c: c[0] < k.max(), body, (jnp.int32(0), noise))
-    return x
+    zeros = jnp.zeros(noise.shape, jnp.float32)
+    turns = k.max() + 1 if predictions else k.max()
+    _, x, (e_null, e_cond) = jax.lax.while_loop(lambda c: c[0] < turns, body, (jnp.int32(0), noise, (zeros, zeros)))
+    return (x, e_null, e_cond) if predictions else x
+
+
+def shares_the_loop(objective: Objective) -> bool:
+    """Whether the target's frozen predictions come from the sampling loop's last turn: when the frozen model
+    samples under the concept itself, e_0 and e_c at x_t are that turn's two halves."""
+    return objective.xt_model == "frozen" and not objective.erase_from
+
+
+def expected_loop_calls(objective: Objective, batch: int) -> float:
+    """The UNet calls partial_sample's loop makes on average for `batch` samples in one iteration."""
+    return expected_sampling_steps(objective.ddim_steps, batch) + shares_the_loop(objective)
+
+
+def expected_sampling_steps(ddim_steps: int, batch: int) -> float:
+    """The guided steps partial_sample's loop runs on average for `batch` samples: the largest of their k,
+    each uniform in 0..ddim_steps - 1, so E = sum over m = 1..N-1 of P(max >= m) = 1 - (m / N) ** batch."""
+    return sum(1 - (m / ddim_steps) ** batch for m in range(1, ddim_steps))
 
 
 def esd_target(
@@ -182,10 +227,15 @@ def local_loss_and_grads(
     c = prompts.concept[concept]  # [B, L, D]
     f = prompts.erase_from[concept] if objective.erase_from else c
     noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)  # [B, C, H, W]
-    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
-    x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
     t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
-    target = esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
+    if shares_the_loop(objective):
+        sampler = nnx.merge(graphdef, original, frozen)
+        x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
+        target = jax.lax.stop_gradient(negatively_guided(objective, e_0, e_c, e_0))
+    else:
+        sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
+        x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
+        target = esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
 
     return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
 

@@ -49,15 +49,21 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
     return P()
 
 
-def place(tree, mesh: Mesh, *, shard: bool = False):
-    """Puts a pytree of arrays on the mesh: replicated, or sharded FSDP-style when `shard`."""
+def shardings(tree, mesh: Mesh, *, shard: bool = False):
+    """The NamedSharding of every array of `tree` (arrays or ShapeDtypeStructs): replicated, or sharded
+    FSDP-style when `shard`."""
     n = mesh.devices.size
 
-    def put(x):
-        spec = fsdp_spec(np.shape(x), n) if shard else P()
-        return jax.device_put(x, NamedSharding(mesh, spec))
+    def sharding(x):
+        shape = x.shape if hasattr(x, "shape") else np.shape(x)
+        return NamedSharding(mesh, fsdp_spec(shape, n) if shard else P())
 
-    return jax.tree.map(put, tree)
+    return jax.tree.map(sharding, tree)
+
+
+def place(tree, mesh: Mesh, *, shard: bool = False):
+    """Puts a pytree of arrays on the mesh: replicated, or sharded FSDP-style when `shard`."""
+    return jax.device_put(tree, shardings(tree, mesh, shard=shard))
 
 
 def is_main_process() -> bool:

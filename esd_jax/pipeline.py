@@ -44,6 +44,16 @@ HUB_PATTERNS = [
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
 # The embedded model's folder: what the model name EMBEDDED_NAME means everywhere.
 EMBEDDED = Path(__file__).parent / "toy" / "pipeline"
+# Hub ids whose configs esd-jax carries (known_models/), so that `esd-jax plan` needs neither the hub nor
+# the weights; each folder copies the hub repository's model_index.json and config files.
+KNOWN_ROOT = Path(__file__).parent / "known_models"
+KNOWN_MODELS = {
+    "CompVis/stable-diffusion-v1-4": "stable-diffusion-v1",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1",
+    "stabilityai/stable-diffusion-2-1": "stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "stable-diffusion-2-1-base",
+}
 # Keys read straight from a config.json (the native image size, the latent shape) rather than through the
 # config classes' defaults, so a file must have them.
 REQUIRED_KEYS = {"unet": ("sample_size", "in_channels", "down_block_types"), "vae": ("block_out_channels",)}
@@ -69,7 +79,7 @@ class StableDiffusion:
     unet: unet.UNet2DConditionModel
     text_encoder: clip.CLIPTextModel
     vae: vae.AutoencoderKL
-    tokenizer: CLIPTokenizer
+    tokenizer: CLIPTokenizer | None  # None in a pipeline of shapes only (abstract_pipeline)
     scheduler_config: dict[str, Any]
     configs: dict[str, dict[str, Any]]
     model_index: dict[str, Any]
@@ -292,14 +302,10 @@ def build_abstract(name: str, config: dict[str, Any], path: Path, **kw: Any) -> 
         ) from None
 
 
-def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32") -> StableDiffusion:
-    """Loads a Stable Diffusion pipeline from a diffusers folder or a Hugging Face hub id.
-
-    `dtype` is the compute dtype of every network; parameters are stored in `param_dtype`
-    (float32 by default: fine-tuning needs it). Every config is checked before any weights are read.
-    """
+def read_networks(root: Path, dtype: str, param_dtype: str = "float32"):
+    """(model_index, scheduler_config, configs, networks as shapes only) of the diffusers folder `root`, every
+    config checked; no weights are read."""
     compute, params = resolve_dtype(dtype), resolve_dtype(param_dtype)
-    root = locate(model)
     model_index = read_json(root / "model_index.json")
     kind = model_index.get("_class_name")
     if kind not in SUPPORTED_PIPELINES:
@@ -318,6 +324,36 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
         name: build_abstract(name, configs[name], root / name / "config.json", dtype=compute, param_dtype=params)
         for name in WEIGHT_FILES
     }
+    return model_index, scheduler_config, configs, modules
+
+
+def abstract_pipeline(model: str | os.PathLike, dtype: str = "float32") -> StableDiffusion:
+    """The pipeline `model` as shapes only, from its configs alone (no weights, no tokenizer): a folder that
+    holds just the config files will do, and the hub ids of KNOWN_MODELS need no download."""
+    resolve_dtype(dtype)
+    root = KNOWN_ROOT / KNOWN_MODELS[str(model)] if str(model) in KNOWN_MODELS else locate(model)
+    model_index, scheduler_config, configs, modules = read_networks(root, dtype)
+    return StableDiffusion(
+        unet=modules["unet"],
+        text_encoder=modules["text_encoder"],
+        vae=modules["vae"],
+        tokenizer=None,
+        scheduler_config=scheduler_config,
+        configs=configs,
+        model_index=model_index,
+        source=root,
+    )
+
+
+def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32") -> StableDiffusion:
+    """Loads a Stable Diffusion pipeline from a diffusers folder or a Hugging Face hub id.
+
+    `dtype` is the compute dtype of every network; parameters are stored in `param_dtype`
+    (float32 by default: fine-tuning needs it). Every config is checked before any weights are read.
+    """
+    resolve_dtype(dtype), resolve_dtype(param_dtype)  # a bad name fails before anything is read
+    root = locate(model)
+    model_index, scheduler_config, configs, modules = read_networks(root, dtype, param_dtype)
     tokenizer = load_tokenizer(root / "tokenizer")
     for name, module in modules.items():
         path = weight_file(root / name, name)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, TrainState, cache_of, initial_state, make_train_step
+from esd_jax.esd import Objective, Prompts, cache_of, initial_state, input_shardings, make_train_step
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
@@ -104,17 +104,11 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, cfg.method), ...)
     del unet
     # Copied first: placing on the mesh may keep a device's buffer, and the step donates the trainable ones.
-    original = parallel.place(jax.tree.map(jnp.copy, trainable), mesh, shard=cfg.shard_params)
-    frozen = parallel.place(frozen, mesh, shard=cfg.shard_params)
-    prompts = parallel.place(prompts, mesh)
+    original = jax.tree.map(jnp.copy, trainable)
     optimizer = optax.adam(cfg.learning_rate)
     state = initial_state(trainable, optimizer, cfg.seed)
-    state = TrainState(  # each part placed once, where the step wants it
-        step=parallel.place(state.step, mesh),
-        trainable=parallel.place(state.trainable, mesh),
-        opt_state=parallel.place(state.opt_state, mesh, shard=cfg.shard_params),
-        rng=parallel.place(state.rng, mesh),
-    )
+    placed = input_shardings(mesh, state, frozen, original, prompts, shard_params=cfg.shard_params)
+    state, frozen, original, prompts = jax.device_put((state, frozen, original, prompts), placed)
 
     if main:
         run.write_settings(workdir, settings)

@@ -7,6 +7,7 @@
     python scripts/bench_esd.py --compile-only      # the memory of only compiling the JAX step
     python scripts/bench_esd.py --trajectories 4    # also the fast mode's seconds, amortised over 1000 iterations
     python scripts/bench_esd.py --flops             # TFLOP of the recipe and the fast mode, SD 1.4 at 512 px
+    python scripts/bench_esd.py --unet sd14 --latent 64 --dtype bfloat16 --iterations 3   # on a GPU: 512 px
 
 The default takes about 3 minutes on an otherwise idle 2-core CPU, --unet sd14 --iterations 3 about 7
 and 11 GB of memory (the PyTorch side's), --flops 10 seconds; results are in docs/benchmarks.md.
@@ -24,6 +25,13 @@ JAX draws its own inside the compiled step, reports them in its metrics, and the
 them, starting each iteration from the same noise, so the two loss sequences match too.
 
 Each framework runs in its own subprocess (JAX first, then PyTorch) so its resident memory is its own.
+Each uses its default device: JAX its first, PyTorch CUDA where it has one. With --dtype bfloat16 both
+compute in bfloat16 as each project trains: esd-jax keeps float32 weights and Adam state (esd_jax.train),
+the official esd_sd.py casts both UNets to bfloat16 and runs Adam on them.
+
+TFLOP/s: 2 x the multiply-adds of esd-jax's programs for the iteration's k (as --flops counts them, in a
+process of its own on the CPU), over its seconds; the PyTorch side does the same work and more (every
+gradient), so both are divided by the same count. --json PATH writes the results and these rows.
 
 --trajectories T: the JAX worker then also samples a fast-mode cache of T trajectories and times the
 cached steps (esd_jax.trajectories, made and called as esd_jax.train does); a run of --fast-iterations I
@@ -35,7 +43,6 @@ for an accelerator, beside 2 x the multiply-adds of every matrix product and con
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,7 +51,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_models import SD14, load_jax_unet, load_torch_unet, peak_mb, reset_peak, rss_mb, save_random_weights
+from bench_models import SD14, load_torch_unet, peak_mb, reset_peak, rss_mb, save_random_weights
 
 UNETS = {
     # SD 1.x's blocks and 1:2:4:4 channel ratios at a fifth of its width (37.5M parameters).
@@ -52,7 +59,20 @@ UNETS = {
     # SD 1.4's own UNet (860M parameters), at 16x16 latents (128 px) so that a CPU runs it in minutes:
     # the size at which the weights, not the frameworks' runtimes, dominate memory.
     "sd14": {**SD14, "sample_size": 16},
+    # scripts/make_tiny_pipeline.py's UNet: a smoke test of every code path, in seconds.
+    "tiny": {
+        **SD14,
+        "sample_size": 16,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+    },
 }
+DTYPES = ("float32", "bfloat16")
 # SD 1.4's scheduler_config (CompVis/stable-diffusion-v1-4), read as a DDIMScheduler.
 SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -86,7 +106,19 @@ def esd_objective(config: dict):
     )
 
 
-def compile_jax(config: dict) -> dict:
+def abstract_unet(config: dict, dtype: str):
+    """The UNet of `config` from shapes alone, computing in `dtype` with float32 weights (as esd_jax.train)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    return nnx.eval_shape(
+        lambda: UNet2DConditionModel(UNetConfig.from_dict(config), dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+    )
+
+
+def compile_jax(config: dict, dtype: str) -> dict:
     """Resident memory of a JAX process that only compiles the step, from shapes (no weights, no run):
     the floor under the peak of any implementation that compiles the whole iteration as one program."""
     import jax
@@ -96,13 +128,12 @@ def compile_jax(config: dict) -> dict:
 
     from esd_jax import parallel
     from esd_jax.esd import Prompts, initial_state, make_train_step
-    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
     jax.devices()
     runtime = rss_mb()
-    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    unet = abstract_unet(config, dtype)
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
     optimizer = optax.adam(LEARNING_RATE)
     state = jax.eval_shape(lambda trainable: initial_state(trainable, optimizer, SEED), trainable)
@@ -122,7 +153,7 @@ def compile_jax(config: dict) -> dict:
     )
 
 
-def flop_programs(config: dict) -> dict:
+def flop_programs(config: dict, dtype: str) -> dict:
     """name -> (function, abstract arguments, loops in its HLO) of each program an ESD-x iteration is made of,
     from shapes alone, batch 1."""
     import jax
@@ -130,11 +161,10 @@ def flop_programs(config: dict) -> dict:
     from flax import nnx
 
     from esd_jax.esd import esd_loss, esd_target, partial_sample
-    from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
-    unet = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config), rngs=nnx.Rngs(0)))
+    unet = abstract_unet(config, dtype)
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
     objective = esd_objective(config)
     schedule = NoiseSchedule.from_config(SCHEDULER)
@@ -160,43 +190,11 @@ def flop_programs(config: dict) -> dict:
     }
 
 
-def multiply_adds(jaxpr, platform: str) -> int:
-    """The multiply-adds of every matrix product and convolution in `jaxpr`, from their shapes: a scan's
-    body times its length, a while loop's body once (as XLA counts it), of platform_dependent's branches
-    the one `platform` takes."""
-    from jax.extend.core import ClosedJaxpr, Jaxpr
-
-    total = 0
-    for eqn in jaxpr.eqns:
-        name, params = eqn.primitive.name, eqn.params
-        out = math.prod(eqn.outvars[0].aval.shape)
-        if name == "dot_general":
-            (contracted, _), _ = params["dimension_numbers"]
-            total += out * math.prod(eqn.invars[0].aval.shape[d] for d in contracted)
-        elif name == "conv_general_dilated":
-            rhs_spec = params["dimension_numbers"].rhs_spec  # (output features, input features, *window)
-            total += out * math.prod(eqn.invars[1].aval.shape[d] for d in rhs_spec[1:])
-        elif name == "cond":
-            counts = [multiply_adds(branch.jaxpr, platform) for branch in params["branches"]]
-            chosen = params.get("branches_platforms")
-            if chosen is None:
-                total += max(counts)
-            else:
-                total += next(n for n, ps in zip(counts, chosen, strict=True) if ps is None or platform in ps)
-        else:
-            subs = [v for value in params.values() for v in (value if isinstance(value, tuple) else (value,))]
-            inner = sum(
-                multiply_adds(v.jaxpr if isinstance(v, ClosedJaxpr) else v, platform)
-                for v in subs
-                if isinstance(v, ClosedJaxpr | Jaxpr)
-            )
-            total += inner * (params["length"] if name == "scan" else 1)
-    return total
-
-
 def count_flops(fn, args, loops: int) -> dict:
     """XLA's FLOPs of `fn` lowered for FLOPS_PLATFORM, and 2 x the multiply-adds of its jaxpr."""
     import jax
+
+    from esd_jax.flops import flops
 
     began = time.perf_counter()
     traced = jax.jit(fn).trace(*args)
@@ -208,17 +206,17 @@ def count_flops(fn, args, loops: int) -> dict:
     found = lowered.as_text().count("stablehlo.while")
     if found != loops:
         sys.exit(f"{found} loops in the lowered program, not {loops}: XLA's count would leave iterations out")
-    return dict(xla=xla, macs=2 * multiply_adds(traced.jaxpr.jaxpr, FLOPS_PLATFORM), seconds=seconds)
+    return dict(xla=xla, macs=flops(traced, FLOPS_PLATFORM), seconds=seconds)
 
 
-def report_flops(config: dict, trajectories: int, iterations: int, refresh_every: int) -> None:
+def report_flops(config: dict, dtype: str, trajectories: int, iterations: int, refresh_every: int) -> None:
     began = time.perf_counter()
-    counts = {name: count_flops(*program) for name, program in flop_programs(config).items()}
+    counts = {name: count_flops(*program) for name, program in flop_programs(config, dtype).items()}
     step, target, backward = (c["xla"] / 1e12 for c in counts.values())
     size = config["sample_size"]
     blocks = "-".join(map(str, config["block_out_channels"]))
     print(f"TFLOP of one ESD-x iteration's programs, SD-shaped UNet {blocks}, {size}x{size} latents ({8 * size} px)")
-    print(f"float32, batch 1, ddim_steps N = {DDIM_STEPS}, lowered for {FLOPS_PLATFORM} from shapes (no weights)")
+    print(f"{dtype}, batch 1, ddim_steps N = {DDIM_STEPS}, lowered for {FLOPS_PLATFORM} from shapes (no weights)")
     print(f"{'per call':44s}{'XLA':>9s}{'2 x MACs':>10s}{'XLA/MACs':>10s}{'lowering s':>12s}")
     for name, c in counts.items():
         xla, macs = c["xla"] / 1e12, c["macs"] / 1e12
@@ -247,20 +245,22 @@ def report_flops(config: dict, trajectories: int, iterations: int, refresh_every
     print(f"{time.perf_counter() - began:.0f} s in all, tracing and lowering on a CPU")
 
 
-def run_jax(folder: Path, iterations: int, config: dict, trajectories: int, refresh_every: int) -> dict:
+def run_jax(folder: Path, iterations: int, config: dict, dtype: str, trajectories: int, refresh_every: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from esd_jax import parallel
+    from esd_jax import parallel, weights
     from esd_jax.esd import Prompts, initial_state, make_train_step, sample_draws
     from esd_jax.partition import trainable_filter
     from esd_jax.schedulers import NoiseSchedule
 
-    jax.devices()
+    device = jax.devices()[0]
     runtime = rss_mb()
-    unet = load_jax_unet(config, folder / "unet.safetensors")
+    unet = abstract_unet(config, dtype)
+    path = folder / "unet.safetensors"
+    weights.load_state_dict(unet, weights.read_safetensors(path), source=str(path))
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, "esd-x"), ...)
     del unet
     original = jax.tree.map(jnp.copy, trainable)
@@ -305,7 +305,10 @@ def run_jax(folder: Path, iterations: int, config: dict, trajectories: int, refr
     if trajectories:
         made = (graphdef, schedule, objective, optimizer, mesh)
         fast = time_fast_mode(made, (original, frozen, prompts), iterations, trajectories, refresh_every)
+    # None on a CPU, where the RSS rows already hold the arrays.
+    device_peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
     return dict(
+        device=device.device_kind,
         seconds=seconds,
         k=ks,
         loss=losses,
@@ -313,6 +316,7 @@ def run_jax(folder: Path, iterations: int, config: dict, trajectories: int, refr
         base_mb=base,
         peak_mb=max(first_peak, steady_peak),
         steady_peak_mb=steady_peak,
+        device_peak_mb=device_peak and device_peak / 2**20,
         **fast,
     )
 
@@ -352,14 +356,19 @@ def time_fast_mode(made: tuple, inputs: tuple, iterations: int, trajectories: in
     return dict(sampler_compile_seconds=compiled - began, cache_seconds=sampled - compiled, fast_seconds=seconds)
 
 
-def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads: str) -> dict:
+def run_torch(folder: Path, iterations: int, config: dict, dtype: str, ks: list[int], grads: str) -> dict:
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: F401  (imported before measuring)
 
+    cuda = torch.cuda.is_available()
+    device, dtype = "cuda" if cuda else "cpu", getattr(torch, dtype)
+    # CUDA runs asynchronously: an iteration ends when its last kernel (Adam's) does.
+    synchronize = torch.cuda.synchronize if cuda else lambda: None
     runtime = rss_mb()
-    base_unet = load_torch_unet(config, folder / "unet.safetensors")
+    # esd_sd.py's load_sd_models: loaded in float32, then moved and cast.
+    base_unet = load_torch_unet(config, folder / "unet.safetensors").to(device, dtype)
     base_unet.requires_grad_(False)
-    esd_unet = load_torch_unet(config, folder / "unet.safetensors")
+    esd_unet = load_torch_unet(config, folder / "unet.safetensors").to(device, dtype)
     # esd_sd.py's get_esd_trainable_parameters for esd-x.
     trained = [
         p
@@ -376,8 +385,8 @@ def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads:
     scheduler = DDIMScheduler(**SCHEDULER)
     scheduler.set_timesteps(DDIM_STEPS)
     embeddings = np.load(folder / "prompts.npz")
-    erase_embeds, null_embeds = (torch.tensor(embeddings[key])[None] for key in ("concept", "null"))
-    noises = torch.tensor(np.load(folder / "noise.npy"))
+    erase_embeds, null_embeds = (torch.tensor(embeddings[key])[None].to(device, dtype) for key in ("concept", "null"))
+    noises = torch.tensor(np.load(folder / "noise.npy")).to(device, dtype)
     reset_peak()
     base = rss_mb()
 
@@ -404,12 +413,14 @@ def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads:
         loss.backward()
         losses.append(loss.item())
         optimizer.step()
+        synchronize()
         seconds.append(time.perf_counter() - began)
         if i == 0:
             first_peak = peak_mb()
             reset_peak()
     steady_peak = peak_mb()
     return dict(
+        device=torch.cuda.get_device_name() if cuda else "cpu",
         seconds=seconds,
         k=list(ks),
         loss=losses,
@@ -417,13 +428,17 @@ def run_torch(folder: Path, iterations: int, config: dict, ks: list[int], grads:
         base_mb=base,
         peak_mb=max(first_peak, steady_peak),
         steady_peak_mb=steady_peak,
+        device_peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     )
 
 
-def worker(name: str, folder: Path, iterations: int, unet: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder), "--iterations", str(iterations)]
-    cmd += ["--unet", unet]
-    out = subprocess.run(cmd + extra, capture_output=True, text=True)
+def worker(name: str, args: argparse.Namespace, folder: Path, extra: list[str], env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--dir", str(folder), "--iterations", str(args.iterations)]
+    cmd += ["--unet", args.unet, "--latent", str(args.latent), "--dtype", args.dtype]
+    began = time.perf_counter()
+    out = subprocess.run(cmd + extra, capture_output=True, text=True, env=env)
+    # On stderr as it happens: where the time went, should a time limit stop the run.
+    print(f"bench_esd.py: the {name} worker took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     if out.returncode:
         sys.exit(f"the {name} worker failed:\n{out.stderr[-4000:]}")
     # The 1-minute load average as the worker ends: it alone accounts for about the core count.
@@ -442,8 +457,10 @@ def main() -> None:
     parser.add_argument(
         "--unet",
         choices=list(UNETS),
-        help="reduced: 37.5M parameters; sd14: SD 1.4's (860M). Default: reduced, sd14 with --flops",
+        help="reduced: 37.5M parameters; sd14: SD 1.4's (860M); tiny: 0.8M. Default: reduced, sd14 with --flops",
     )
+    parser.add_argument("--latent", type=int, help="latent side (default: sd14 16, tiny 16, reduced 32; --flops 64)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of both sides")
     parser.add_argument(
         "--compile-only",
         action="store_true",
@@ -452,7 +469,6 @@ def main() -> None:
     parser.add_argument(
         "--flops", action="store_true", help="count the FLOPs of the recipe and the fast mode from shapes, no run"
     )
-    parser.add_argument("--latent", type=int, default=64, help="latent size for --flops (64: 512 px)")
     parser.add_argument(
         "--trajectories",
         type=int,
@@ -463,25 +479,37 @@ def main() -> None:
         "--fast-iterations", type=int, default=1000, help="the run the fast mode's cache is amortised over"
     )
     parser.add_argument("--refresh-every", type=int, default=0, help="the fast mode's fresh cache every M iterations")
-    parser.add_argument("--worker", choices=["jax", "torch", "compile"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--worker", choices=["jax", "torch", "compile", "flops"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.unet = args.unet or ("sd14" if args.flops else "reduced")
-    config = UNETS[args.unet]
+    args.latent = args.latent or (64 if args.flops else UNETS[args.unet]["sample_size"])
+    config = {**UNETS[args.unet], "sample_size": args.latent}
+    # Each down block but the last halves the latents, and an up block doubles them back.
+    multiple = 2 ** (len(config["down_block_types"]) - 1)
+    if args.latent < multiple or args.latent % multiple:
+        parser.error(f"--latent {args.latent}: the {args.unet} UNet takes multiples of {multiple}")
+    if args.iterations < 1:
+        parser.error(f"--iterations {args.iterations}: time at least one iteration")
     if args.flops:
         trajectories = args.trajectories or 20
-        report_flops({**config, "sample_size": args.latent}, trajectories, args.fast_iterations, args.refresh_every)
+        report_flops(config, args.dtype, trajectories, args.fast_iterations, args.refresh_every)
         return
     fast = ["--trajectories", str(args.trajectories), "--refresh-every", str(args.refresh_every)]
     if args.worker == "jax":
-        print(json.dumps(run_jax(args.dir, args.iterations, config, args.trajectories, args.refresh_every)))
+        print(json.dumps(run_jax(args.dir, args.iterations, config, args.dtype, args.trajectories, args.refresh_every)))
         return
     if args.worker == "compile":
-        print(json.dumps(compile_jax(config)))
+        print(json.dumps(compile_jax(config, args.dtype)))
+        return
+    if args.worker == "flops":
+        programs = flop_programs(config, args.dtype)
+        print(json.dumps({"programs": {name: count_flops(*program) for name, program in programs.items()}}))
         return
     if args.compile_only:
-        c = worker("compile", Path(), 0, args.unet, [])
+        c = worker("compile", args, Path(), [])
         print(f"compiling the ESD-x step of the {args.unet} UNet from shapes alone, in a process of its own:")
         print(f"  RSS of the JAX runtime before it     {c['runtime_mb']:8.0f} MB")
         print(f"  peak RSS while compiling             {c['peak_mb']:8.0f} MB")
@@ -489,25 +517,33 @@ def main() -> None:
         print(f"  the step's temporaries (XLA)         {c['temp_mb']:8.0f} MB, allocated when it runs")
         return
     if args.worker == "torch":
-        print(json.dumps(run_torch(args.dir, args.iterations, config, args.k, args.torch_grads)))
+        print(json.dumps(run_torch(args.dir, args.iterations, config, args.dtype, args.k, args.torch_grads)))
         return
 
+    # Lowered for an accelerator whatever runs it, so the CPU does, and the GPU's memory stays free; first,
+    # so that a failure costs seconds.
+    f = worker("flops", args, Path(), [], env={**os.environ, "JAX_PLATFORMS": "cpu"})["programs"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         parameters, trained = save_random_weights(config, folder / "unet.safetensors")
         rng = np.random.default_rng(SEED)
         shape = (77, config["cross_attention_dim"])
         np.savez(folder / "prompts.npz", **{key: rng.standard_normal(shape, np.float32) for key in ("concept", "null")})
-        j = worker("jax", folder, args.iterations, args.unet, fast)
+        j = worker("jax", args, folder, fast)
         replay = ["--torch-grads", args.torch_grads, "--k", *map(str, j["k"])]
-        t = worker("torch", folder, args.iterations, args.unet, replay)
+        t = worker("torch", args, folder, replay)
+    report(args, config, (parameters, trained), j, t, f)
 
+
+def report(args: argparse.Namespace, config: dict, sizes: tuple[int, int], j: dict, t: dict, f: dict) -> None:
     size = config["sample_size"]
-    print(
+    title = [
         f"ESD-x iteration, SD-shaped UNet {'-'.join(map(str, config['block_out_channels']))}: "
-        f"{parameters / 1e6:.1f}M parameters, {trained / 1e6:.1f}M trained (attn2)"
-    )
-    print(f"batch 1, {size}x{size} latents, float32, CPU, ddim_steps {DDIM_STEPS}, torch grads: {args.torch_grads}")
+        f"{sizes[0] / 1e6:.1f}M parameters, {sizes[1] / 1e6:.1f}M trained (attn2)",
+        f"batch 1, {size}x{size} latents ({8 * size} px), {args.dtype}, torch on {t['device']}, jax on {j['device']}, "
+        f"ddim_steps {DDIM_STEPS}, torch grads: {args.torch_grads}",
+    ]
+    print("\n".join(title))
     timed = j["k"][1:]
     print(
         f"mean of {args.iterations} iterations after a warm-up one, the same k on both sides: "
@@ -518,8 +554,13 @@ def main() -> None:
         verdict = "" if goal is None else f"  <= {goal}: {'met' if jv / tv <= goal else 'NOT met'}"
         print(f"{label:34s}{tv:{fmt}}{jv:{fmt}}{jv / tv:11.2f}{verdict}")
 
+    # TFLOP of the programs esd-jax runs, which PyTorch's iteration also runs (and more: every gradient).
+    step, target, backward = (c["macs"] / 1e12 for c in f.values())
+    tflop = np.mean([k * step + target + backward for k in timed])
+    seconds = np.mean(t["seconds"][1:]), np.mean(j["seconds"][1:])
     print(f"{'':34s}{'torch':>10s}{'jax':>10s}{'jax/torch':>11s}")
-    row("seconds / iteration", np.mean(t["seconds"][1:]), np.mean(j["seconds"][1:]), GOALS["seconds"], "10.2f")
+    row("seconds / iteration", *seconds, GOALS["seconds"], "10.2f")
+    row(f"TFLOP/s ({tflop:.2f} TFLOP / iteration)", tflop / seconds[0], tflop / seconds[1], fmt="10.2f")
     row("seconds, first iteration", t["seconds"][0], j["seconds"][0], fmt="10.2f")
     row("RSS before the weights (runtime), MB", t["runtime_mb"], j["runtime_mb"])
     row("RSS with weights loaded, MB", t["base_mb"], j["base_mb"])
@@ -527,11 +568,14 @@ def main() -> None:
     row("working set MB (peak - loaded)", t["peak_mb"] - t["base_mb"], j["peak_mb"] - j["base_mb"])
     row("peak RSS MB, timed iterations", t["steady_peak_mb"], j["steady_peak_mb"])
     row("working set MB, timed iterations", t["steady_peak_mb"] - t["base_mb"], j["steady_peak_mb"] - j["base_mb"])
+    if t["device_peak_mb"] and j["device_peak_mb"]:
+        row("peak GPU memory MB", t["device_peak_mb"], j["device_peak_mb"])
     # Least squares over the timed iterations: the per-DDIM-step cost (one batch-2 UNet call and a
     # scheduler step) and the fixed cost (frozen predictions, trainable forward and backward, Adam).
-    (tb, ta), (jb, ja) = (np.polyfit(timed, r["seconds"][1:], 1) for r in (t, j))
-    row("  fit a + b k: a, fixed seconds", ta, ja, fmt="10.2f")
-    row("  fit a + b k: b, seconds / DDIM step", tb, jb, fmt="10.3f")
+    if len(set(timed)) > 1:
+        (tb, ta), (jb, ja) = (np.polyfit(timed, r["seconds"][1:], 1) for r in (t, j))
+        row("  fit a + b k: a, fixed seconds", ta, ja, fmt="10.2f")
+        row("  fit a + b k: b, seconds / DDIM step", tb, jb, fmt="10.3f")
     diff = max(abs(a - b) / abs(b) for a, b in zip(j["loss"], t["loss"], strict=True))
     print(f"loss, same weights, k and noise: max relative difference {diff:.1e} over {len(t['loss'])} iterations")
     busy = max(t["load"], j["load"]) > (os.cpu_count() or 1) + 0.5
@@ -545,36 +589,55 @@ def main() -> None:
             else ""
         )
     )
+    rows = [
+        ("ESD-x iteration, PyTorch (official loop)", seconds[0], tflop),
+        ("ESD-x iteration, esd-jax", seconds[1], tflop),
+    ]
     if args.trajectories:
-        report_fast(j, np.mean(t["seconds"][1:]), args.trajectories, args.fast_iterations, args.refresh_every)
+        rows += report_fast(j, seconds[0], args, step, backward)
+    if args.json:
+        results = dict(title=title, rows=rows, jax=j, torch=t, flops=f, args=vars(args))
+        args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
-def report_fast(j: dict, torch_seconds: float, trajectories: int, iterations: int, refresh_every: int) -> None:
+def report_fast(j: dict, torch_seconds: float, args: argparse.Namespace, step: float, backward: float) -> list:
+    """Prints the fast mode's times; returns its (label, seconds, TFLOP) rows, from the TFLOP of a guided
+    step and of the trained forward and backward."""
     from esd_jax.esd import caches_in
 
+    trajectories, iterations, refresh_every = args.trajectories, args.fast_iterations, args.refresh_every
     caches = caches_in(iterations, refresh_every)
-    step = np.mean(j["fast_seconds"][1:])
-    fast = j["cache_seconds"] * caches / iterations + step
+    cached = np.mean(j["fast_seconds"][1:])
+    fast = j["cache_seconds"] * caches / iterations + cached
     recipe = np.mean(j["seconds"][1:])
+    sampled = trajectories * DDIM_STEPS * step
+    fast_tflop = caches * sampled / iterations + backward
 
-    def line(label: str, seconds: float, note: str = "") -> None:
-        print(f"  {label:56s}{seconds:8.2f} s{note}")
+    def line(label: str, seconds: float, tflop: float | None = None, note: str = "") -> None:
+        rate = "" if tflop is None else f"{tflop / seconds:8.2f} TFLOP/s"
+        print(f"  {label:56s}{seconds:8.2f} s{rate}{note}")
 
     fresh = f"a fresh cache every {refresh_every}" if refresh_every else "one cache"
     print(
         f"fast mode: {trajectories} trajectories x {DDIM_STEPS} steps, {fresh}, over a run of {iterations} iterations"
     )
     line("compiling the trajectory sampler", j["sampler_compile_seconds"])
-    line(f"sampling a cache: {DDIM_STEPS} UNet calls at batch {2 * trajectories}", j["cache_seconds"])
+    line(f"sampling a cache: {DDIM_STEPS} UNet calls at batch {2 * trajectories}", j["cache_seconds"], sampled)
     line(
         f"cached step, mean of {len(j['fast_seconds']) - 1} after a warm-up one",
-        step,
+        cached,
+        backward,
         f" (first {j['fast_seconds'][0]:.2f} s)",
     )
-    line(f"{caches} x the cache / {iterations} + the cached step", fast, " / iteration")
+    line(f"{caches} x the cache / {iterations} + the cached step", fast, fast_tflop, " / iteration")
     print(f"{'':34s}{'torch':>10s}{'jax fast':>10s}{'fast/torch':>11s}")
     print(f"{'seconds / iteration':34s}{torch_seconds:10.2f}{fast:10.2f}{fast / torch_seconds:11.3f}")
     print(f"jax recipe / jax fast: {recipe:.2f} / {fast:.2f} s = {recipe / fast:.1f}")
+    return [
+        (f"fast mode: sampling a cache, {trajectories} x {DDIM_STEPS} steps", j["cache_seconds"], sampled),
+        ("fast mode: cached step", cached, backward),
+        (f"fast mode: an iteration of a {iterations}-iteration run", fast, fast_tflop),
+    ]
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""The CPU per-head attention path against jax.nn.dot_product_attention (XLA's), values and gradients."""
+"""The CPU per-head attention path against jax.nn.dot_product_attention (XLA's), values and gradients, and
+which kernel each platform gets (the TPU program's Mosaic call is checked in test_plan.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from esd_jax.models import attention as attention_module
 from esd_jax.models.attention import (
     CPU_BLOCKED_SCORES,
     CPU_PER_HEAD_SCORES,
     CPU_QUERY_BLOCK,
+    FORCE_XLA,
     attention,
+    implementation,
     per_head,
 )
 
@@ -68,3 +72,33 @@ def test_float16_runs_on_cpus_as_float32_rounded(length):
     want = attention(*(t.astype(jnp.float32) for t in (q, k, v)))
     assert got.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-3)
+
+
+def shapes(lq, lk, d, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct((2, lq, 8, d), dtype), jax.ShapeDtypeStruct((2, lk, 8, d), dtype)
+
+
+@pytest.mark.parametrize(
+    "platform, lq, lk, d, dtype, causal, gpu, want",
+    [
+        # SD 1.4 at 512 px: 64x64-latent self-attention, its cross-attention over 77 tokens, the 8x8 mid-block
+        ("tpu", 4096, 4096, 40, jnp.bfloat16, False, False, "pallas-flash"),
+        ("tpu", 4096, 4096, 40, jnp.float32, False, False, "pallas-flash"),
+        ("tpu", 4096, 77, 40, jnp.bfloat16, False, False, "xla"),
+        ("tpu", 64, 64, 160, jnp.bfloat16, False, False, "xla"),
+        ("tpu", 77, 77, 64, jnp.bfloat16, True, False, "xla"),  # the text encoder's causal attention
+        ("cuda", 4096, 4096, 40, jnp.bfloat16, False, True, "cudnn"),
+        ("cuda", 4096, 77, 80, jnp.float16, False, True, "cudnn"),
+        ("cuda", 256, 256, 160, jnp.bfloat16, False, True, "xla"),  # SD 1.x's 1280-channel heads
+        ("cuda", 4096, 4096, 40, jnp.float32, False, True, "xla"),
+        ("cuda", 4096, 4096, 40, jnp.bfloat16, False, False, "xla"),  # a CUDA program lowered on a CPU host
+        ("cpu", 4096, 4096, 40, jnp.float32, False, False, "cpu-per-head"),
+        ("cpu", 64, 64, 40, jnp.float32, False, False, "xla"),
+    ],
+)
+def test_each_platform_gets_its_kernel(monkeypatch, platform, lq, lk, d, dtype, causal, gpu, want):
+    monkeypatch.setattr(attention_module, "cuda_devices", lambda: gpu)
+    q, k = shapes(lq, lk, d, dtype)
+    assert implementation(platform, q, k, causal=causal) == want
+    monkeypatch.setenv(FORCE_XLA, "xla")
+    assert implementation(platform, q, k, causal=causal) == "xla"

@@ -141,6 +141,22 @@ def test_partial_ddim_matches_diffusers_stepping(sd1):
         assert rel_err(x_t[b], captured[k][b].numpy()) <= 1e-4, k
 
 
+def test_the_sampling_loops_last_turn_gives_the_targets_predictions(sd1):
+    """partial_sample(predictions=True): x_t as without, and at x_t the two frozen predictions that
+    esd_target's own call makes, per sample, each at its own k."""
+    _, _, pipe = sd1
+    schedule, obj = NoiseSchedule.from_config(pipe.scheduler_config), objective(ddim_steps=6)
+    emb = encode_prompts(pipe, ["red circle", ""])
+    cond = jnp.stack([emb[0]] * 3)
+    noise = jnp.asarray(np.random.default_rng(3).standard_normal((3, 4, 8, 8)), jnp.float32)
+    k = jnp.asarray([0, 4, 5])
+    x_t, e_0, e_c = partial_sample(pipe.unet, schedule, obj, noise, k, cond, emb[1], predictions=True)
+    assert rel_err(x_t, partial_sample(pipe.unet, schedule, obj, noise, k, cond, emb[1])) <= 1e-6
+    t = jnp.asarray(schedule.timesteps(obj.ddim_steps))[k]
+    want = esd_target(pipe.unet, obj, x_t, t, cond, cond, emb[1])
+    assert rel_err(e_0 - obj.negative_guidance * (e_c - e_0), want) <= 1e-5
+
+
 def encode_prompts(pipe, texts: list[str]) -> jax.Array:
     return encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
 

@@ -1,6 +1,14 @@
-"""The one attention function every network calls, so a faster kernel is swapped in here alone."""
+"""The one attention function every network calls, and the kernel each platform runs it with.
+
+XLA's implementation everywhere, except: on TPU, self-attention over a multiple of 128 tokens runs
+Pallas' flash-attention kernel (jax.experimental.pallas.ops.tpu), which never writes the score matrix
+to HBM; on GPU, half-precision attention with a head size cuDNN takes runs cuDNN's flash attention;
+on CPU, long attentions go one head at a time (`per_head`). Cross-attention over the 77 prompt tokens
+and the text encoder's causal attention stay on XLA: their scores are small.
+"""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +22,35 @@ CPU_PER_HEAD_SCORES = 128 * 128
 # and blocks of 256 rows cut its time by a third to a half on a CPU; at 1024 x 1024 they gain nothing.
 CPU_BLOCKED_SCORES = 2**21
 CPU_QUERY_BLOCK = 256
+# The Pallas kernel's blocks of queries and keys: the largest of these that divides the sequence. Its
+# backward pass fails below 128 tokens (SD's 8x8 mid-block, 64 tokens, is cheap on XLA anyway).
+TPU_BLOCKS = (512, 256, 128)
+# ESD_JAX_ATTENTION=xla runs XLA's implementation everywhere (to compare, or to rule a kernel out).
+FORCE_XLA = "ESD_JAX_ATTENTION"
+# cuDNN's flash attention takes head sizes that are multiples of 8 up to 128 (SD 1.x's 1280-channel
+# blocks have 160: XLA's there).
+CUDNN_MAX_HEAD = 128
+
+
+def implementation(platform: str, q: jax.Array, k: jax.Array, *, causal: bool) -> str:
+    """The kernel `attention` runs for q [B, Lq, H, D], k [B, Lk, H, D] on `platform`: "xla",
+    "cpu-per-head", "pallas-flash" (tpu) or "cudnn" (cuda)."""
+    lq, lk, d = q.shape[1], k.shape[1], q.shape[-1]
+    if os.environ.get(FORCE_XLA) == "xla":
+        return "xla"
+    if platform == "cpu":
+        return "cpu-per-head" if lq * lk >= CPU_PER_HEAD_SCORES else "xla"
+    if platform == "tpu" and not causal and lq == lk and lq % TPU_BLOCKS[-1] == 0:
+        return "pallas-flash"
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if platform == "cuda" and half and d % 8 == 0 and d <= CUDNN_MAX_HEAD and cuda_devices():
+        return "cudnn"
+    return "xla"
+
+
+def cuda_devices() -> bool:
+    # cuDNN's attention checks its library when traced, so its branch is only built where GPUs are.
+    return any(d.platform == "gpu" for d in jax.devices())
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, upcast: bool = False) -> jax.Array:
@@ -25,15 +62,42 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    # XLA's implementation on every backend; on GPU "cudnn" (flash attention, half precision only)
-    # and on TPU a splash-attention kernel are the drop-in replacements.
-    xla = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
-    cpu = xla if q.shape[1] * k.shape[1] < CPU_PER_HEAD_SCORES else functools.partial(per_head, causal=causal)
+    kernels = {
+        "xla": functools.partial(jax.nn.dot_product_attention, is_causal=causal),
+        "cpu-per-head": functools.partial(per_head, causal=causal),
+        "pallas-flash": pallas_flash,
+        "cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="cudnn"),
+    }
+    chosen = {p: kernels[implementation(p, q, k, causal=causal)] for p in ("cpu", "tpu", "cuda")}
     if dtype == jnp.float16:
         # XLA's CPU dot has no float16 x float16 -> float32 kernel; GPUs keep float16.
-        cpu = upcast_float16(cpu)
-    out = jax.lax.platform_dependent(q, k, v, cpu=cpu, default=xla)
+        chosen["cpu"] = upcast_float16(chosen["cpu"])
+    out = jax.lax.platform_dependent(q, k, v, **chosen, default=kernels["xla"])
     return out.astype(dtype)
+
+
+def pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """TPU flash attention (Pallas, Mosaic) in blocks of the largest of TPU_BLOCKS dividing the sequence."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as flash
+
+    length, d = q.shape[1], q.shape[-1]
+    block = next(b for b in TPU_BLOCKS if length % b == 0)
+    sizes = flash.BlockSizes(
+        block_q=block,
+        block_k_major=block,
+        block_k=block,
+        block_b=1,
+        block_q_major_dkv=block,
+        block_k_major_dkv=block,
+        block_k_dkv=block,
+        block_q_dkv=block,
+        block_k_major_dq=block,
+        block_k_dq=block,
+        block_q_dq=block,
+    )
+    heads_first = [t.transpose(0, 2, 1, 3) for t in (q, k, v)]  # the kernel's [B, H, L, D]
+    out = flash.flash_attention(*heads_first, sm_scale=d**-0.5, block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)
 
 
 def upcast_float16(fn):

@@ -1,0 +1,201 @@
+"""`esd-jax plan`: the erase step and the sampler compiled for a TPU topology on this CPU (libtpu), checked
+against counts made without esd-jax: parameter bytes from the PyTorch model, FLOPs from PyTorch's counter."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from torch.utils.flop_counter import FlopCounterMode
+
+from esd_jax import cli, plan
+from esd_jax.config import default_config
+
+pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install 'jax[tpu]==<jax version>'")
+
+ESD_X = str(Path(__file__).parents[1] / "configs" / "esd_x.py")
+
+TOPOLOGY = "v5e:2x2"  # 4 chips on one host
+# Channels and widths in multiples of 128, TPU's tile, so that XLA's layout pads no weight much.
+UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(128, 256),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TEXT = dict(
+    architectures=["CLIPTextModel"],
+    hidden_size=128,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=16,
+    vocab_size=1024,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+VAE = dict(
+    block_out_channels=[128, 128],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4,
+    norm_num_groups=32,
+    layers_per_block=1,
+    sample_size=32,
+)
+SCHEDULER = dict(
+    _class_name="DDIMScheduler",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+@pytest.fixture(scope="module")
+def configs_only(tmp_path_factory):
+    """A diffusers folder of config files and no weights or tokenizer: all that `plan` reads."""
+    root = tmp_path_factory.mktemp("configs-only")
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+        "unet/config.json": UNET,
+        "text_encoder/config.json": TEXT,
+        "vae/config.json": VAE,
+        "scheduler/scheduler_config.json": SCHEDULER,
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(content))
+    return root
+
+
+def torch_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET)
+
+
+def erase_config(model, **overrides):
+    from esd_jax.config import EraseConfig
+
+    config = default_config()
+    config.model = str(model)
+    config.concept = "a|b"
+    config.ddim_steps = 10
+    config.iterations = 100
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return EraseConfig.from_config_dict(config)
+
+
+@pytest.fixture(scope="module")
+def recipe_plan(configs_only):
+    return plan.plan_erase(erase_config(configs_only), TOPOLOGY)
+
+
+def test_the_step_arguments_are_the_weights_optimizer_and_prompts_counted_from_pytorch(recipe_plan):
+    unet = torch_unet()
+    params = {name: p.numel() for name, p in unet.named_parameters()}
+    trained = sum(n for name, n in params.items() if "attn2" in name)
+    weights = 4 * sum(params.values())  # float32: the trained ones, the rest frozen
+    originals = 4 * trained
+    adam = 2 * 4 * trained + 4  # mu, nu and the step count
+    prompts = 4 * (2 + 1) * TEXT["max_position_embeddings"] * TEXT["hidden_size"]  # two concepts and ""
+    counters = 4 + 8  # the step and the run's key
+    expected = weights + originals + adam + prompts + counters
+    (step,) = recipe_plan.programs
+    assert step.argument_bytes == pytest.approx(expected, rel=0.01)
+    assert "tpu_custom_call" in step.hlo  # the 16x16 latents' self-attention on Pallas' flash kernel
+    assert recipe_plan.memory["optimizer state (Adam)"] == pytest.approx(adam, rel=0.01)
+    assert recipe_plan.topo.devices == 4 and recipe_plan.topo.chip.name == "v5e"
+
+
+def test_flops_per_unet_call_match_pytorchs_count(recipe_plan):
+    (call,) = recipe_plan.calls  # the sampling loop's: 2 (CFG) x 1 sample per device
+    x = torch.zeros(2, 4, UNET["sample_size"], UNET["sample_size"])
+    context = torch.zeros(2, TEXT["max_position_embeddings"], TEXT["hidden_size"])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        torch_unet()(x, torch.tensor([500, 500]), encoder_hidden_states=context)
+    assert call.math_flops == pytest.approx(counter.get_total_flops(), rel=0.10)
+    # XLA's count adds the elementwise work, and the chip's layout pads conv_in's and conv_out's 4
+    # latent channels to its 128-wide tiles.
+    assert call.math_flops < call.flops < 1.5 * call.math_flops
+
+
+def test_an_iteration_counts_the_sampling_loop_at_its_expected_length(recipe_plan):
+    (call,) = recipe_plan.calls
+    (share,) = recipe_plan.shares
+    # E[k] + 1 (the target's turn) for one sample per device, k uniform in 0..9
+    assert share.calls == pytest.approx(5.5)
+    assert recipe_plan.flops == pytest.approx(share.program.flops + 4.5 * call.flops)
+    # the devices wait for the slowest: E[largest of 4 k] = sum_m 1 - (m / 10) ** 4
+    assert share.slowest_calls == pytest.approx(1 + sum(1 - (m / 10) ** 4 for m in range(1, 10)))
+    compute, memory, bound = recipe_plan.seconds
+    chip = recipe_plan.topo.chip
+    slowest_flops = share.program.flops + (share.slowest_calls - 1) * call.flops  # XLA's, the larger count here
+    assert compute == pytest.approx(slowest_flops / chip.bf16_flops)
+    assert bound == max(compute, memory)
+
+
+def test_the_fast_mode_plans_its_sampler_and_the_cached_step(configs_only):
+    found = plan.plan_erase(erase_config(configs_only, trajectories=6), TOPOLOGY)
+    sampler, step = found.programs
+    # 6 trajectories padded to 8 over 4 devices, 2 each: 10 steps of x_t and target, float32, and a concept
+    cache = 2 * 10 * 2 * (4 * 16 * 16) * 4 + 2 * 4
+    assert found.memory["trajectory cache"] == cache
+    assert step.argument_bytes > cache
+    assert found.shares[1].times == pytest.approx(1 / 100) and found.shares[1].calls == 10
+
+
+def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, monkeypatch, capsys):
+    monkeypatch.setitem(plan.CHIPS, "TPU v5 lite", plan.Chip("v5e", 2**20, 197e12, 819e9))
+    args = ["esd-jax", "plan", "--config", ESD_X, f"--config.model={configs_only}"]
+    code = cli.main([*args, "--config.concept=a", "--config.ddim_steps=10", f"--topology={TOPOLOGY}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: does not fit:") and "--config.dtype=bfloat16" in err[0]
+
+
+def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["--model", str(configs_only), "--topology", TOPOLOGY, "--batch_size", "6", "--steps", "5"]
+    assert cli.main(["esd-jax", "plan", "sample", *args, "--json", str(out)]) == 0
+    found = json.loads(out.read_text())
+    assert found["unit"] == "batch of 8 images" and found["fits"]  # 6 rounded up to the 4 devices
+    assert found["unet_calls"][0]["name"] == "UNet call, batch 4"  # 2 images per device, guided
+    assert "compile on this host: sampler" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology", "v5e:3x7"], "--topology 'v5e:3x7'"),
+        ([], "give --topology"),
+    ],
+)
+def test_bad_topologies_are_one_line(configs_only, capsys, args, message):
+    config = ["--config", ESD_X, f"--config.model={configs_only}", "--config.concept=a"]
+    code = cli.main(["esd-jax", "plan", *config, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_known_hub_ids_plan_without_a_download():
+    pipe = plan.abstract_pipeline("CompVis/stable-diffusion-v1-4")
+    count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(pipe.unet)))
+    assert count == 859_520_964  # diffusers' UNet2DConditionModel of SD 1.4
