@@ -49,7 +49,9 @@ class EraseConfig:
     # pairs at their every step (esd_jax/trajectories.py); 0 samples a partial trajectory per iteration.
     trajectories: int = 0
     refresh_every: int = 0  # with trajectories: sample fresh ones every this many iterations; 0: one cache for the run
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16; parameters and optimizer state stay float32
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16; the trained weights and optimizer state stay float32
+    # storage of the frozen weights and the trained ones' originals: bfloat16 halves the memory of the model
+    frozen_dtype: str = "float32"
     seed: int = 0
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
     log_every: int = 10  # steps between reads of the metrics from the device (one wait each); rows stay per step
@@ -123,6 +125,8 @@ class EraseConfig:
             raise bad(
                 "dtype", f"choose one of {', '.join(TRAIN_DTYPES)}{FLOAT16_NOTE if self.dtype == 'float16' else ''}"
             )
+        if self.frozen_dtype not in TRAIN_DTYPES:
+            raise bad("frozen_dtype", f"choose one of {', '.join(TRAIN_DTYPES)}")
         if not self.workdir:
             raise bad("workdir", "give a folder for checkpoints and outputs")
 

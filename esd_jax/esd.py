@@ -66,10 +66,25 @@ def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int)
     )
 
 
-def input_shardings(mesh: Mesh, state: TrainState, frozen, original, prompts: Prompts, *, shard_params: bool):
-    """Where the step wants (state, frozen, original, prompts), arrays or shapes: the trained weights, the
-    step and the key replicated, and with `shard_params` the frozen weights, the originals and the
-    optimizer state sharded over the mesh."""
+def stored_as(x, dtype: str):
+    """An array, or a shape, in `dtype`."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype))
+    return x.astype(dtype)
+
+
+def step_inputs(
+    mesh: Mesh, state: TrainState, frozen, original, prompts: Prompts, *, shard_params: bool, frozen_dtype: str
+):
+    """((state, frozen, original, prompts), their shardings): the step's inputs (arrays or shapes) as it
+    wants them. The trained weights, the step and the key are replicated; with `shard_params` the frozen
+    weights, the originals and the optimizer state are sharded over the mesh, the weights marked to be
+    gathered layer by layer where the step uses them (parallel.gathered_where_used). The frozen weights
+    and the originals are stored in `frozen_dtype`; the trained weights and Adam's moments stay float32."""
+    if frozen_dtype != "float32":
+        frozen, original = (jax.tree.map(lambda x: stored_as(x, frozen_dtype), t) for t in (frozen, original))
+    if shard_params:
+        frozen, original = (parallel.gathered_where_used(t, mesh.devices.size) for t in (frozen, original))
 
     def sharded(tree):
         return parallel.shardings(tree, mesh, shard=shard_params)
@@ -80,7 +95,12 @@ def input_shardings(mesh: Mesh, state: TrainState, frozen, original, prompts: Pr
         opt_state=sharded(state.opt_state),
         rng=parallel.shardings(state.rng, mesh),
     )
-    return placed, sharded(frozen), sharded(original), parallel.shardings(prompts, mesh)
+    return (state, frozen, original, prompts), (
+        placed,
+        sharded(frozen),
+        sharded(original),
+        parallel.shardings(prompts, mesh),
+    )
 
 
 def all_finite(tree) -> jax.Array:
@@ -275,16 +295,22 @@ def make_train_step(
     # The replicated weights meet each device's own samples inside lax loops; JAX's varying-axis check
     # would want every such use marked with lax.pvary, which would say nothing the specs do not.
     batch = P(AXIS)
-    sharded = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), P(), P(), batch, batch, batch), out_specs=(P(), P()), check_vma=False
-    )
-    sharded_cached = jax.shard_map(
-        local_cached,
-        mesh=mesh,
-        in_specs=(P(), P(), P(), batch, batch, batch, batch),
-        out_specs=(P(), P()),
-        check_vma=False,
-    )
+
+    def sharded(frozen, original):
+        """`local` over the mesh, the weights as they are placed: replicated, or sharded (FSDP)."""
+        weights = parallel.local_specs(frozen), parallel.local_specs(original)
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), *weights, P(), batch, batch, batch), out_specs=(P(), P()), check_vma=False
+        )
+
+    def sharded_cached(frozen):
+        return jax.shard_map(
+            local_cached,
+            mesh=mesh,
+            in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state: TrainState, frozen, original, prompts: Prompts, cache=None):
@@ -292,11 +318,12 @@ def make_train_step(
             k, concept, noise_keys = sample_draws(
                 state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
             )
-            loss, grads = sharded(state.trainable, frozen, original, prompts, k, concept, noise_keys)
+            loss, grads = sharded(frozen, original)(state.trainable, frozen, original, prompts, k, concept, noise_keys)
         else:
             j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
             x_t, target = cache.x_t[j, k], cache.target[j, k]
-            loss, grads = sharded_cached(state.trainable, frozen, prompts, x_t, timesteps[k], cache.concept[j], target)
+            cached = sharded_cached(frozen)
+            loss, grads = cached(state.trainable, frozen, prompts, x_t, timesteps[k], cache.concept[j], target)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)

@@ -4,10 +4,11 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+from esd_jax.models.layers import AXIS  # the mesh's one axis: layers gather sharded weights over it
 
 
 def initialize_distributed() -> None:
@@ -40,13 +41,39 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
+def fsdp_axis(shape: tuple[int, ...], n: int) -> int | None:
+    """The axis an array is sharded on over n devices: its largest one divisible by n, if any."""
+    for a in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[a] % n == 0 and shape[a] >= n:
+            return a
+    return None
+
+
 def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
     """Shards an array over the mesh along its largest axis divisible by the device count, if any."""
-    axes = sorted(range(len(shape)), key=lambda a: -shape[a])
-    for a in axes:
-        if shape[a] % n == 0 and shape[a] >= n:
-            return P(*[AXIS if i == a else None for i in range(len(shape))])
-    return P()
+    axis = fsdp_axis(shape, n)
+    return P() if axis is None else P(*[AXIS if i == axis else None for i in range(len(shape))])
+
+
+def is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def gathered_where_used(state, n: int):
+    """`state`'s parameters marked with the axis `shardings(shard=True)` shards them on (metadata `gather`),
+    so that a layer inside the step gathers each from the mesh where it uses it (models.layers.value)
+    rather than the step gathering the whole model at once: FSDP."""
+    return jax.tree.map(lambda v: v.replace(gather=fsdp_axis(v.shape, n)), state, is_leaf=is_variable)
+
+
+def local_specs(state):
+    """The shard_map specs of `state` as `gathered_where_used` marked it: each parameter's own."""
+
+    def spec(v):
+        axis = v.get_metadata().get("gather") if is_variable(v) else None
+        return P() if axis is None else P(*[AXIS if i == axis else None for i in range(len(v.shape))])
+
+    return jax.tree.map(spec, state, is_leaf=is_variable)
 
 
 def shardings(tree, mesh: Mesh, *, shard: bool = False):

@@ -14,7 +14,6 @@ added for the loop's other expected iterations (esd.expected_loop_calls).
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import flops
+from esd_jax import flops, parallel
 from esd_jax.config import EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import (
@@ -35,9 +34,9 @@ from esd_jax.esd import (
     caches_in,
     expected_loop_calls,
     initial_state,
-    input_shardings,
     make_train_step,
     shares_the_loop,
+    step_inputs,
 )
 from esd_jax.parallel import AXIS
 from esd_jax.partition import trainable_filter
@@ -45,13 +44,6 @@ from esd_jax.pipeline import StableDiffusion, abstract_pipeline
 from esd_jax.schedulers import NoiseSchedule
 from esd_jax.trajectories import make_trajectory_sampler, padded_count
 
-# Set before libtpu loads (at the first topology). libtpu only compiles here, so a second process may load
-# it at once (a test, another plan), and it need not look for the TPU VM's hosts, which this host lacks.
-LIBTPU_ENVIRONMENT = {
-    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-    "TPU_WORKER_HOSTNAMES": "localhost",
-    "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any known name; the topology asked for decides
-}
 GB = 1e9
 GiB = 2**30
 
@@ -99,8 +91,6 @@ def topology(name: str) -> Topology:
     """The TPU slice `name` ("v5e:2x4", "v4:2x2x1", "v5p:2x2x2", "v6e:4x4"), its devices on one mesh axis."""
     from jax.experimental import topologies
 
-    for key, value in LIBTPU_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except jax.errors.JaxRuntimeError as e:
@@ -206,8 +196,11 @@ def unet_call(graphdef, weights, topo: Topology, batch: int, latent_shape, promp
         return nnx.merge(graphdef, *weights)(x, t, context)
 
     # As the step calls it: each device its own rows (a Pallas kernel runs only inside a shard_map).
+    specs = tuple(parallel.local_specs(w) for w in weights)
     call = jax.jit(
-        jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(AXIS), check_vma=False)
+        jax.shard_map(
+            local, mesh=mesh, in_specs=(specs, rows.spec, rows.spec, rows.spec), out_specs=P(AXIS), check_vma=False
+        )
     )
 
     return compile_program(f"UNet call, batch {batch}", call, weights, x, t, context)
@@ -344,8 +337,10 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     optimizer = optax.adam(cfg.learning_rate)
     state = jax.eval_shape(lambda t: initial_state(t, optimizer, cfg.seed), trainable)
     prompts = prompt_shapes(pipe, len(cfg.concepts), len(cfg.erase_froms))
-    shardings = input_shardings(mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params)
-    state, frozen, original, prompts = placed((state, frozen, trainable, prompts), shardings)
+    inputs, shardings = step_inputs(
+        mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
+    )
+    state, frozen, original, prompts = placed(inputs, shardings)
     objective = Objective(
         negative_guidance=cfg.negative_guidance,
         start_guidance=cfg.start_guidance,
@@ -404,7 +399,8 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     fast = f", fast mode ({cfg.trajectories} trajectories)" if cfg.trajectories else ""
     title = (
         f"erase {cfg.method} on {cfg.model}, {shape[1] * pipe.vae_factor} px, batch {b} per device x {devices}, "
-        f"{cfg.dtype}, {'shard_params' if cfg.shard_params else 'replicated'}{fast}"
+        f"{cfg.dtype} compute, {cfg.frozen_dtype} frozen weights, "
+        f"{'shard_params (FSDP)' if cfg.shard_params else 'replicated'}{fast}"
     )
     return Plan(title, topo, memory, programs, [call], shares, cfg.iterations, "iteration", counting)
 
@@ -518,6 +514,9 @@ def report(plan: Plan) -> str:
     ]
     if plan.units > 1:
         lines.append(f"the run: {plan.units} {plan.unit}s, at least {duration(bound * plan.units)}")
+    for p in plan.programs:
+        kernels = p.hlo.count('custom_call_target="tpu_custom_call"')
+        lines.append(f"{p.name}: {kernels} Pallas (Mosaic) kernel calls" if kernels else f"{p.name}: no Pallas kernel")
     compiles = ", ".join(f"{p.name} {p.seconds:.0f} s" for p in plan.programs)
     lines.append(f"compile on this host: {compiles}")
     return "\n".join(lines)
@@ -536,6 +535,8 @@ def misfit(plan: Plan, changes: list[str]) -> str:
 def erase_changes(cfg: EraseConfig, topo: Topology) -> list[str]:
     """The settings that lower an erase's memory, from the one that costs least."""
     changes = []
+    if cfg.frozen_dtype == "float32":
+        changes.append("--config.frozen_dtype=bfloat16")
     if cfg.dtype == "float32":
         changes.append("--config.dtype=bfloat16")
     if not cfg.shard_params and topo.devices > 1:

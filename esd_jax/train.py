@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, cache_of, initial_state, input_shardings, make_train_step
+from esd_jax.esd import Objective, Prompts, cache_of, initial_state, make_train_step, step_inputs
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
@@ -107,8 +107,10 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     original = jax.tree.map(jnp.copy, trainable)
     optimizer = optax.adam(cfg.learning_rate)
     state = initial_state(trainable, optimizer, cfg.seed)
-    placed = input_shardings(mesh, state, frozen, original, prompts, shard_params=cfg.shard_params)
-    state, frozen, original, prompts = jax.device_put((state, frozen, original, prompts), placed)
+    inputs, placed = step_inputs(
+        mesh, state, frozen, original, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
+    )
+    state, frozen, original, prompts = jax.device_put(inputs, placed)
 
     if main:
         run.write_settings(workdir, settings)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from esd_jax import parallel
 from esd_jax.esd import TRAJECTORY_STREAM, guided, negatively_guided
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
@@ -89,19 +90,20 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
         unet = nnx.merge(graphdef, original, frozen)
         return trajectory_pairs(unet, schedule, objective, noise, c, f, prompts.null)
 
-    sharded = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P(), P(), P(), P(AXIS), P(AXIS)),
-        out_specs=(P(AXIS), P(AXIS)),
-        check_vma=False,  # as in the ESD step: replicated weights meet each device's own trajectories
-    )
+    def sharded(original, frozen):
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(parallel.local_specs(original), parallel.local_specs(frozen), P(), P(AXIS), P(AXIS)),
+            out_specs=(P(AXIS), P(AXIS)),
+            check_vma=False,  # as in the ESD step: replicated weights meet each device's own trajectories
+        )
 
     # Stated rather than left to the compiler, so that the step can be compiled for the cache before it exists.
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P(AXIS)))
     def sample(original, frozen, prompts, rng, cache=0) -> Trajectories:
         concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0], first=cache * count)
-        x_t, target = sharded(original, frozen, prompts, concept, noise_keys)
+        x_t, target = sharded(original, frozen)(original, frozen, prompts, concept, noise_keys)
         return Trajectories(x_t=x_t, target=target, concept=concept)
 
     return sample

@@ -152,14 +152,22 @@ def test_an_iteration_counts_the_sampling_loop_at_its_expected_length(recipe_pla
     assert bound == max(compute, memory)
 
 
-def test_the_fast_mode_plans_its_sampler_and_the_cached_step(configs_only):
-    found = plan.plan_erase(erase_config(configs_only, trajectories=6), TOPOLOGY)
+def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached_step(configs_only):
+    settings = dict(trajectories=6, shard_params=True, frozen_dtype="bfloat16")
+    found = plan.plan_erase(erase_config(configs_only, **settings), TOPOLOGY)
     sampler, step = found.programs
     # 6 trajectories padded to 8 over 4 devices, 2 each: 10 steps of x_t and target, float32, and a concept
     cache = 2 * 10 * 2 * (4 * 16 * 16) * 4 + 2 * 4
     assert found.memory["trajectory cache"] == cache
     assert step.argument_bytes > cache
     assert found.shares[1].times == pytest.approx(1 / 100) and found.shares[1].calls == 10
+    # bfloat16, each weight sharded over the 4 devices where a dimension divides by 4, else whole on each
+    frozen = sum(
+        2 * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
+        for name, p in torch_unet().named_parameters()
+        if "attn2" not in name
+    )
+    assert found.memory["frozen weights"] == frozen
 
 
 def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, monkeypatch, capsys):

@@ -119,6 +119,20 @@ def test_sharded_frozen_weights_and_optimizer_state_give_the_same_weights(sd1_fo
         np.testing.assert_allclose(sharded[key], delta[key], rtol=1e-6, atol=1e-7)
 
 
+def test_the_fast_mode_with_sharded_bfloat16_weights_trains_as_with_replicated_ones(sd1_folder, tmp_path):
+    """FSDP (each layer gathering its weights where it uses them) changes where the weights are, not what
+    the step computes; bfloat16 storage of the frozen weights moves the result by their rounding only."""
+    fast = dict(trajectories=3, frozen_dtype="bfloat16")
+    replicated = load_file(erase(config(**settings(sd1_folder, tmp_path / "replicated", **fast))))
+    sharded = load_file(erase(config(**settings(sd1_folder, tmp_path / "sharded", **fast, shard_params=True))))
+    full = load_file(erase(config(**settings(sd1_folder, tmp_path / "float32", trajectories=3))))
+    for key in replicated:
+        np.testing.assert_allclose(sharded[key], replicated[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(replicated[key], full[key], rtol=0.05, atol=2e-3)
+    with pytest.raises(UserError, match="config.frozen_dtype='float16': choose one of float32, bfloat16"):
+        config(**settings(sd1_folder, tmp_path, frozen_dtype="float16"))
+
+
 def wait_for_steps(workdir: Path, n: int, process: subprocess.Popen, timeout: float = 300) -> None:
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + timeout

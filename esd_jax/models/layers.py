@@ -5,7 +5,8 @@ A parameter's path in the NNX state, joined with dots, is its PyTorch state-dict
 (in, out) and `Conv2d.weight` HWIO, the transposes of PyTorch's (out, in) and OIHW.
 
 Activations are NHWC. Every layer takes `dtype`, the compute dtype: parameters keep their own
-dtype (float32 by default) and are cast at use; normalisations always compute in float32.
+dtype (float32 by default) and are cast at use; normalisations always compute in float32. A parameter
+sharded over the mesh (esd_jax.parallel.gathered_where_used) is gathered where it is used.
 """
 
 import jax
@@ -15,6 +16,14 @@ from flax import nnx
 from esd_jax.models.convolution import conv2d
 
 Dtype = jnp.dtype | type
+AXIS = "data"  # the device mesh's one axis (esd_jax.parallel)
+
+
+def value(param: nnx.Param) -> jax.Array:
+    """The parameter's array, gathered from the mesh's devices here, at its use, if it is sharded (FSDP)."""
+    axis = param.get_metadata().get("gather")
+    x = param[...]
+    return x if axis is None else jax.lax.all_gather(x, AXIS, axis=axis, tiled=True)
 
 
 class Linear(nnx.Module):
@@ -34,9 +43,9 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), value(self.weight).astype(self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + value(self.bias).astype(self.dtype)
         return y
 
 
@@ -64,9 +73,11 @@ class Conv2d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C]
-        y = conv2d(x.astype(self.dtype), self.weight[...].astype(self.dtype), stride=self.stride, padding=self.padding)
+        y = conv2d(
+            x.astype(self.dtype), value(self.weight).astype(self.dtype), stride=self.stride, padding=self.padding
+        )
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + value(self.bias).astype(self.dtype)
         return y
 
 
@@ -95,7 +106,7 @@ class GroupNorm(nnx.Module):
         mean = g.mean(axis=(1, 3), keepdims=True)
         var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
         g = (g - mean) * jax.lax.rsqrt(var + self.eps)
-        y = g.reshape(shape) * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = g.reshape(shape) * value(self.weight).astype(jnp.float32) + value(self.bias).astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -119,7 +130,7 @@ class LayerNorm(nnx.Module):
         mean = x.mean(axis=-1, keepdims=True)
         var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * value(self.weight).astype(jnp.float32) + value(self.bias).astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -137,4 +148,4 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(value(self.weight), ids, axis=0).astype(self.dtype)
