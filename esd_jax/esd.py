@@ -260,6 +260,29 @@ def local_loss_and_grads(
     return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
 
 
+def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimizer, mesh: Mesh):
+    """(the objective, the compiled step) of the erase run `cfg` (an esd_jax.config.EraseConfig)."""
+    objective = Objective(
+        negative_guidance=cfg.negative_guidance,
+        start_guidance=cfg.start_guidance,
+        ddim_steps=cfg.ddim_steps,
+        xt_model=cfg.xt_model,
+        latent_shape=latent_shape,
+        erase_from=bool(cfg.erase_from),
+    )
+    step = make_train_step(
+        graphdef,
+        schedule,
+        objective,
+        optimizer,
+        mesh,
+        cfg.batch_per_device,
+        trajectories=cfg.trajectories,
+        refresh_every=cfg.refresh_every,
+    )
+    return objective, step
+
+
 def make_train_step(
     graphdef,
     schedule: NoiseSchedule,

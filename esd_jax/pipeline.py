@@ -79,7 +79,7 @@ class StableDiffusion:
     unet: unet.UNet2DConditionModel
     text_encoder: clip.CLIPTextModel
     vae: vae.AutoencoderKL
-    tokenizer: CLIPTokenizer | None  # None in a pipeline of shapes only (abstract_pipeline)
+    tokenizer: CLIPTokenizer | None  # None in a pipeline of shapes only (networks_at, abstract_pipeline)
     scheduler_config: dict[str, Any]
     configs: dict[str, dict[str, Any]]
     model_index: dict[str, Any]
@@ -302,8 +302,8 @@ def build_abstract(name: str, config: dict[str, Any], path: Path, **kw: Any) -> 
         ) from None
 
 
-def read_networks(root: Path, dtype: str, param_dtype: str = "float32"):
-    """(model_index, scheduler_config, configs, networks as shapes only) of the diffusers folder `root`, every
+def networks_at(root: Path, dtype: str, param_dtype: str = "float32") -> StableDiffusion:
+    """The pipeline of the diffusers folder `root` with its networks as shapes only and no tokenizer, every
     config checked; no weights are read."""
     compute, params = resolve_dtype(dtype), resolve_dtype(param_dtype)
     model_index = read_json(root / "model_index.json")
@@ -324,15 +324,6 @@ def read_networks(root: Path, dtype: str, param_dtype: str = "float32"):
         name: build_abstract(name, configs[name], root / name / "config.json", dtype=compute, param_dtype=params)
         for name in WEIGHT_FILES
     }
-    return model_index, scheduler_config, configs, modules
-
-
-def abstract_pipeline(model: str | os.PathLike, dtype: str = "float32") -> StableDiffusion:
-    """The pipeline `model` as shapes only, from its configs alone (no weights, no tokenizer): a folder that
-    holds just the config files will do, and the hub ids of KNOWN_MODELS need no download."""
-    resolve_dtype(dtype)
-    root = KNOWN_ROOT / KNOWN_MODELS[str(model)] if str(model) in KNOWN_MODELS else locate(model)
-    model_index, scheduler_config, configs, modules = read_networks(root, dtype)
     return StableDiffusion(
         unet=modules["unet"],
         text_encoder=modules["text_encoder"],
@@ -345,6 +336,13 @@ def abstract_pipeline(model: str | os.PathLike, dtype: str = "float32") -> Stabl
     )
 
 
+def abstract_pipeline(model: str | os.PathLike, dtype: str = "float32") -> StableDiffusion:
+    """The pipeline `model` as shapes only, from its configs alone (no weights, no tokenizer): a folder that
+    holds just the config files will do, and the hub ids of KNOWN_MODELS need no download."""
+    resolve_dtype(dtype)
+    return networks_at(KNOWN_ROOT / KNOWN_MODELS[str(model)] if str(model) in KNOWN_MODELS else locate(model), dtype)
+
+
 def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32") -> StableDiffusion:
     """Loads a Stable Diffusion pipeline from a diffusers folder or a Hugging Face hub id.
 
@@ -353,21 +351,12 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
     """
     resolve_dtype(dtype), resolve_dtype(param_dtype)  # a bad name fails before anything is read
     root = locate(model)
-    model_index, scheduler_config, configs, modules = read_networks(root, dtype, param_dtype)
-    tokenizer = load_tokenizer(root / "tokenizer")
-    for name, module in modules.items():
+    pipe = networks_at(root, dtype, param_dtype)
+    pipe.tokenizer = load_tokenizer(root / "tokenizer")
+    for name in WEIGHT_FILES:
         path = weight_file(root / name, name)
-        weights.load_state_dict(module, SPECS[name][2](weights.read_safetensors(path)), source=str(path))
-    return StableDiffusion(
-        unet=modules["unet"],
-        text_encoder=modules["text_encoder"],
-        vae=modules["vae"],
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        configs=configs,
-        model_index=model_index,
-        source=root,
-    )
+        weights.load_state_dict(getattr(pipe, name), SPECS[name][2](weights.read_safetensors(path)), source=str(path))
+    return pipe
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:

@@ -29,12 +29,11 @@ from esd_jax import flops, parallel
 from esd_jax.config import EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import (
-    Objective,
     Prompts,
     caches_in,
     expected_loop_calls,
     initial_state,
-    make_train_step,
+    make_erase_step,
     shares_the_loop,
     step_inputs,
 )
@@ -341,24 +340,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
     )
     state, frozen, original, prompts = placed(inputs, shardings)
-    objective = Objective(
-        negative_guidance=cfg.negative_guidance,
-        start_guidance=cfg.start_guidance,
-        ddim_steps=cfg.ddim_steps,
-        xt_model=cfg.xt_model,
-        latent_shape=shape,
-        erase_from=bool(cfg.erase_from),
-    )
-    step_fn = make_train_step(
-        graphdef,
-        schedule,
-        objective,
-        optimizer,
-        mesh,
-        cfg.batch_per_device,
-        trajectories=cfg.trajectories,
-        refresh_every=cfg.refresh_every,
-    )
+    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh)
     memory = {
         f"trained weights ({cfg.method})": per_device_bytes(state.trainable),
         "their originals": per_device_bytes(original),

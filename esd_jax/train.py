@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from esd_jax import checkpoints, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
-from esd_jax.esd import Objective, Prompts, cache_of, initial_state, make_train_step, step_inputs
+from esd_jax.esd import Prompts, cache_of, initial_state, make_erase_step, step_inputs
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
@@ -120,24 +120,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = int(state.step)
 
-    objective = Objective(
-        negative_guidance=cfg.negative_guidance,
-        start_guidance=cfg.start_guidance,
-        ddim_steps=cfg.ddim_steps,
-        xt_model=cfg.xt_model,
-        latent_shape=shape,
-        erase_from=bool(cfg.erase_from),
-    )
-    step_fn = make_train_step(
-        graphdef,
-        schedule,
-        objective,
-        optimizer,
-        mesh,
-        cfg.batch_per_device,
-        trajectories=cfg.trajectories,
-        refresh_every=cfg.refresh_every,
-    )
+    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh)
     cache, cache_index = None, None
     if cfg.trajectories:
         sample_cache = make_trajectory_sampler(graphdef, schedule, objective, mesh, cfg.trajectories)

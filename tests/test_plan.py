@@ -11,26 +11,20 @@ import torch
 from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import SHAPES
 from esd_jax import cli, plan
 from esd_jax.config import default_config
+from esd_jax.pipeline import KNOWN_ROOT
 
 pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install 'jax[tpu]==<jax version>'")
 
 ESD_X = str(Path(__file__).parents[1] / "configs" / "esd_x.py")
 
 TOPOLOGY = "v5e:2x2"  # 4 chips on one host
-# Channels and widths in multiples of 128, TPU's tile, so that XLA's layout pads no weight much.
-UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(128, 256),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=128,
-    attention_head_dim=8,
-    norm_num_groups=32,
+# conftest's SD 1.x shape with channels and widths in multiples of 128, TPU's tile, so that XLA's layout
+# pads no weight much.
+UNET = SHAPES["sd1"]["unet"] | dict(
+    sample_size=16, block_out_channels=(128, 256), cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32
 )
 TEXT = dict(
     architectures=["CLIPTextModel"],
@@ -55,15 +49,7 @@ VAE = dict(
     layers_per_block=1,
     sample_size=32,
 )
-SCHEDULER = dict(
-    _class_name="DDIMScheduler",
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SCHEDULER = json.loads((KNOWN_ROOT / "stable-diffusion-v1" / "scheduler" / "scheduler_config.json").read_text())
 
 
 @pytest.fixture(scope="module")

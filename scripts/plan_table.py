@@ -1,0 +1,85 @@
+"""The table of docs/accelerators.md: `esd-jax plan` for each model x method x topology x dtype.
+
+    python scripts/plan_table.py --out plans                  # every row; resumes, skipping rows done
+    python scripts/plan_table.py --out plans --only sd14      # rows whose name contains "sd14"
+    python scripts/plan_table.py --out plans --table          # print the table of the rows done so far
+
+Each row is one `esd-jax plan` process (its compile time is its own) writing plans/<row>.json; a row
+already there is kept, so a run stopped midway continues where it stopped. An SD-size plan compiles for
+minutes to tens of minutes on a 2-core host.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd21": "stabilityai/stable-diffusion-2-1"}
+METHODS = {"esd-x": [], "esd-u": ["--config.shard_params=True"]}
+TOPOLOGIES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4", "v5e-16": "v5e:4x4"}
+# float32: as the paper trains; bfloat16: compute and frozen weights in bfloat16, Adam and the trained
+# weights float32.
+DTYPES = {
+    "float32": [],
+    "bfloat16": ["--config.dtype=bfloat16", "--config.frozen_dtype=bfloat16"],
+}
+CONFIG = Path(__file__).parents[1] / "configs" / "esd_x.py"
+
+
+def rows():
+    for model, hub_id in MODELS.items():
+        for method, method_flags in METHODS.items():
+            for topology, name in TOPOLOGIES.items():
+                for dtype, dtype_flags in DTYPES.items():
+                    flags = [f"--config.model={hub_id}", f"--config.method={method}", *method_flags, *dtype_flags]
+                    yield f"{model}-{method}-{topology}-{dtype}", (model, method, topology, dtype), name, flags
+
+
+def run(out: Path, only: str) -> None:
+    for row, _, topology, flags in rows():
+        path = out / f"{row}.json"
+        if only not in row or path.exists():
+            continue
+        print(f"plan {row} ...", flush=True)
+        command = ["esd-jax", "plan", "--config", str(CONFIG), "--config.concept=Van Gogh", *flags]
+        done = subprocess.run([*command, f"--topology={topology}", f"--json={path}"], capture_output=True, text=True)
+        (out / f"{row}.log").write_text(done.stdout + done.stderr)
+        if not path.exists():
+            print(f"  failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}", flush=True)
+
+
+def table(out: Path) -> str:
+    lines = [
+        "| model | method | TPU | dtype | HBM per chip, peak (of the chip's) | TFLOP per iteration | "
+        "bound s per iteration | 1000 iterations | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, (model, method, topology, dtype), _, _ in rows():
+        path = out / f"{row}.json"
+        if not path.exists():
+            continue
+        p = json.loads(path.read_text())
+        fits = "" if p["fits"] else " **does not fit**"
+        lines.append(
+            f"| {model} | {method} | {topology} | {dtype} | {p['peak_bytes'] / 2**30:.1f} GiB "
+            f"({p['peak_bytes'] / p['capacity_bytes']:.0%}){fits} | {p['math_flops_per_unit'] / 1e12:.1f} | "
+            f"{p['bound_seconds_per_unit']:.2f} | {p['run_seconds'] / 60:.0f} min | {p['compile_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("plans"))
+    parser.add_argument("--only", default="", help="run only the rows whose name contains this")
+    parser.add_argument("--table", action="store_true", help="print the table of the rows done, run nothing")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        run(args.out, args.only)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
