@@ -231,7 +231,20 @@ def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: ja
     return jnp.mean(jnp.square(e_theta.astype(jnp.float32) - target))
 
 
-def local_loss_and_grads(
+@dataclasses.dataclass
+class Pairs:
+    """One step's training pairs, on the devices: x_t, the target there, the concepts and their k."""
+
+    x_t: jax.Array  # [B, C, H, W]
+    target: jax.Array  # [B, C, H, W] float32
+    concept: jax.Array  # [B] int32
+    k: jax.Array  # [B] int32: the DDIM step of x_t
+
+
+jax.tree_util.register_dataclass(Pairs, data_fields=["x_t", "target", "concept", "k"], meta_fields=[])
+
+
+def local_pairs(
     trainable,
     frozen,
     original,
@@ -242,22 +255,19 @@ def local_loss_and_grads(
     k: jax.Array,
     concept: jax.Array,
     noise_keys: jax.Array,
-):
-    """The ESD loss of one device's samples and its gradient with respect to `trainable`."""
+) -> tuple[jax.Array, jax.Array]:
+    """(x_t, target) of one device's samples: x_t by partial sampling, the target from the frozen model."""
     c = prompts.concept[concept]  # [B, L, D]
     f = prompts.erase_from[concept] if objective.erase_from else c
     noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)  # [B, C, H, W]
-    t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
     if shares_the_loop(objective):
         sampler = nnx.merge(graphdef, original, frozen)
         x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
-        target = jax.lax.stop_gradient(negatively_guided(objective, e_0, e_c, e_0))
-    else:
-        sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
-        x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
-        target = esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
-
-    return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
+        return x_t, negatively_guided(objective, e_0, e_c, e_0)
+    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
+    x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
+    t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
+    return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
 
 
 def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimizer, mesh: Mesh):
@@ -283,6 +293,25 @@ def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimi
     return objective, step
 
 
+class TrainStep:
+    """The erase step, (state, frozen, original, prompts[, cache]) -> (state, metrics), as two compiled
+    programs that the devices run back to back with no host round trip: `pairs` makes the step's training
+    pairs (the recipe's partial sampling, or a draw from the fast mode's cache) and `update` trains on
+    them (the trained model's forward and backward, the gradient's average, Adam). Two, not one, because
+    XLA compiles two programs side by side (`programs`) in much less time than their union alone."""
+
+    def __init__(self, pairs, update):
+        self.pairs, self.update = pairs, update
+
+    def __call__(self, state: TrainState, frozen, original, prompts: Prompts, cache=None):
+        return self.update(state, frozen, prompts, self.pairs(state, frozen, original, prompts, cache))
+
+    def programs(self, state: TrainState, frozen, original, prompts: Prompts, cache=None) -> list[tuple]:
+        """(jitted function, its arguments) of each program, for arrays or shapes."""
+        pairs = jax.eval_shape(self.pairs, state, frozen, original, prompts, cache)
+        return [(self.pairs, (state, frozen, original, prompts, cache)), (self.update, (state, frozen, prompts, pairs))]
+
+
 def make_train_step(
     graphdef,
     schedule: NoiseSchedule,
@@ -292,67 +321,68 @@ def make_train_step(
     batch_per_device: int,
     trajectories: int = 0,
     refresh_every: int = 0,
-):
-    """The jit-compiled step (state, frozen, original, prompts[, cache]) -> (state, metrics).
+) -> TrainStep:
+    """The step of an erase run over `mesh` (TrainStep).
 
-    Inside a shard_map every device samples and differentiates its own share of the batch (so its
-    sampling loop runs only as long as its own k needs); gradients are averaged over the mesh, and
-    the optax update runs on the (replicated or sharded) optimizer state outside it. With
-    `trajectories` > 0 the pairs come from the fast mode's cache (esd_jax.trajectories) instead, and
-    each device runs only the trained model's forward and backward.
+    Inside shard_maps every device samples and differentiates its own share of the batch (so its sampling
+    loop runs only as long as its own k needs); gradients are averaged over the mesh, and the optax update
+    runs on the (replicated or sharded) optimizer state outside them. With `trajectories` > 0 the pairs
+    come from the fast mode's cache (esd_jax.trajectories) instead.
     """
     global_batch = batch_per_device * mesh.devices.size
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
 
-    def local(trainable, frozen, original, prompts, k, concept, noise_keys):
-        loss, grads = local_loss_and_grads(
-            trainable, frozen, original, graphdef, schedule, objective, prompts, k, concept, noise_keys
-        )
-        return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+    def local_sampled(trainable, frozen, original, prompts, k, concept, noise_keys):
+        return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, concept, noise_keys)
 
-    def local_cached(trainable, frozen, prompts, x_t, t, concept, target):
+    def local_trained(trainable, frozen, prompts, x_t, t, concept, target):
         f = prompts.erase_from[concept] if objective.erase_from else prompts.concept[concept]
         loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
         return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
 
     # The replicated weights meet each device's own samples inside lax loops; JAX's varying-axis check
-    # would want every such use marked with lax.pvary, which would say nothing the specs do not.
+    # would want every such use marked with lax.pvary, which would say nothing the specs do not. The
+    # weights enter as they are placed: replicated, or sharded (FSDP, parallel.local_specs).
     batch = P(AXIS)
+    rows = NamedSharding(mesh, batch)
 
-    def sharded(frozen, original):
-        """`local` over the mesh, the weights as they are placed: replicated, or sharded (FSDP)."""
-        weights = parallel.local_specs(frozen), parallel.local_specs(original)
-        return jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), *weights, P(), batch, batch, batch), out_specs=(P(), P()), check_vma=False
+    @functools.partial(jax.jit, out_shardings=rows)
+    def pairs(state: TrainState, frozen, original, prompts: Prompts, cache=None) -> Pairs:
+        if cache is not None:
+            j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
+            return Pairs(x_t=cache.x_t[j, k], target=cache.target[j, k], concept=cache.concept[j], k=k)
+        k, concept, noise_keys = sample_draws(
+            state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
         )
+        weights = parallel.local_specs(frozen), parallel.local_specs(original)
+        sampled = jax.shard_map(
+            local_sampled,
+            mesh=mesh,
+            in_specs=(P(), *weights, P(), batch, batch, batch),
+            out_specs=batch,
+            check_vma=False,
+        )
+        x_t, target = sampled(state.trainable, frozen, original, prompts, k, concept, noise_keys)
+        return Pairs(x_t=x_t, target=jax.lax.stop_gradient(target), concept=concept, k=k)
 
-    def sharded_cached(frozen):
-        return jax.shard_map(
-            local_cached,
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def update(state: TrainState, frozen, prompts: Prompts, pairs: Pairs):
+        trained = jax.shard_map(
+            local_trained,
             mesh=mesh,
             in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch),
             out_specs=(P(), P()),
             check_vma=False,
         )
-
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def step(state: TrainState, frozen, original, prompts: Prompts, cache=None):
-        if cache is None:
-            k, concept, noise_keys = sample_draws(
-                state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
-            )
-            loss, grads = sharded(frozen, original)(state.trainable, frozen, original, prompts, k, concept, noise_keys)
-        else:
-            j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
-            x_t, target = cache.x_t[j, k], cache.target[j, k]
-            cached = sharded_cached(frozen)
-            loss, grads = cached(state.trainable, frozen, prompts, x_t, timesteps[k], cache.concept[j], target)
+        loss, grads = trained(
+            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.concept, pairs.target
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)
         # Replicated, so every host can read the metrics. `finite` checks the new weights as well as the
         # loss: a finite loss can still take an overflowing step.
-        k = jax.lax.with_sharding_constraint(k, NamedSharding(mesh, P()))
+        k = jax.lax.with_sharding_constraint(pairs.k, NamedSharding(mesh, P()))
         return new_state, {"loss": loss, "k": k, "finite": jnp.isfinite(loss) & all_finite(trainable)}
 
-    return step
+    return TrainStep(pairs, update)

@@ -62,12 +62,16 @@ def erase(cfg: EraseConfig) -> Path:
             ) from None
 
 
+def side_by_side(work, items: list[tuple]) -> list:
+    """work(*item) for each item, each in a thread of its own; their results. XLA compiles one program on
+    about one core, and the step's programs are independent."""
+    with ThreadPoolExecutor(len(items)) as pool:
+        return [done.result() for done in [pool.submit(work, *item) for item in items]]
+
+
 def compile_side_by_side(*programs: tuple) -> None:
-    """Compiles each (jitted function, arguments) in a thread of its own; their calls then find them
-    compiled. XLA compiles one program on about one core, and the fast mode's two are independent."""
-    with ThreadPoolExecutor(len(programs)) as pool:
-        for done in [pool.submit(lambda f=f, args=args: f.lower(*args).compile()) for f, args in programs]:
-            done.result()
+    """Compiles each (jitted function, arguments) side by side; their calls then find them compiled."""
+    side_by_side(lambda f, args: f.lower(*args).compile(), list(programs))
 
 
 def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path) -> Path:
@@ -131,8 +135,10 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         cache_shapes = jax.eval_shape(sample_cache, original, frozen, prompts, state.rng, index)
         compile_side_by_side(
             (sample_cache, (original, frozen, prompts, state.rng, index)),
-            (step_fn, (state, frozen, original, prompts, cache_shapes)),
+            *step_fn.programs(state, frozen, original, prompts, cache_shapes),
         )
+    else:
+        compile_side_by_side(*step_fn.programs(state, frozen, original, prompts))
 
     def cache_for(step: int):
         """The cache that step `step` (counted from 1) trains on, sampled when it changes: from the seed

@@ -240,7 +240,7 @@ def test_the_step_traces_once_and_moves_no_data_implicitly(sd1, monkeypatch):
     from esd_jax import esd
 
     _, _, pipe = sd1
-    monkeypatch.setattr(esd, "local_loss_and_grads", chex.assert_max_traces(esd.local_loss_and_grads, n=1))
+    monkeypatch.setattr(esd, "local_pairs", chex.assert_max_traces(esd.local_pairs, n=1))
     losses, *_ = run_steps(pipe, Mesh(np.asarray(jax.devices()[:4]), ("data",)), 1, steps=3)
     assert len(losses) == 3 and all(np.isfinite(losses))
 

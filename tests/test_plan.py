@@ -96,17 +96,25 @@ def recipe_plan(configs_only):
 def test_the_step_arguments_are_the_weights_optimizer_and_prompts_counted_from_pytorch(recipe_plan):
     unet = torch_unet()
     params = {name: p.numel() for name, p in unet.named_parameters()}
-    trained = sum(n for name, n in params.items() if "attn2" in name)
-    weights = 4 * sum(params.values())  # float32: the trained ones, the rest frozen
-    originals = 4 * trained
-    adam = 2 * 4 * trained + 4  # mu, nu and the step count
+    trained = 4 * sum(n for name, n in params.items() if "attn2" in name)  # float32
+    frozen = 4 * sum(params.values()) - trained
+    adam = 2 * trained + 4  # mu, nu and the step count
     prompts = 4 * (2 + 1) * TEXT["max_position_embeddings"] * TEXT["hidden_size"]  # two concepts and ""
     counters = 4 + 8  # the step and the run's key
-    expected = weights + originals + adam + prompts + counters
-    (step,) = recipe_plan.programs
-    assert step.argument_bytes == pytest.approx(expected, rel=0.01)
-    assert "tpu_custom_call" in step.hlo  # the 16x16 latents' self-attention on Pallas' flash kernel
-    assert recipe_plan.memory["optimizer state (Adam)"] == pytest.approx(adam, rel=0.01)
+    pairs_out = 2 * 4 * 4 * 16 * 16 * 4 // 4 + 2 * 4  # a device's x_t and target, float32; concept and k
+    memory = recipe_plan.memory
+    assert memory["trained weights (esd-x)"] == memory["their originals"] == trained
+    assert memory["frozen weights"] == frozen and memory["optimizer state (Adam)"] == adam
+    assert memory["prompt embeddings"] == prompts
+    # Each program takes what it uses (XLA drops the rest): the sampling the frozen model, the update
+    # the trained one, Adam and the pairs.
+    pairs, update = recipe_plan.programs
+    assert pairs.argument_bytes == pytest.approx(frozen + trained + prompts + counters, rel=0.01)
+    assert update.argument_bytes == pytest.approx(frozen + trained + adam + prompts + counters + pairs_out, rel=0.01)
+    resident = frozen + 2 * trained + adam + prompts
+    assert recipe_plan.peak_bytes >= resident + max(pairs.temp_bytes, update.temp_bytes)
+    for program in (pairs, update):  # the 16x16 latents' self-attention on Pallas' flash kernel
+        assert "tpu_custom_call" in program.hlo
     assert recipe_plan.topo.devices == 4 and recipe_plan.topo.chip.name == "v5e"
 
 
@@ -125,28 +133,28 @@ def test_flops_per_unet_call_match_pytorchs_count(recipe_plan):
 
 def test_an_iteration_counts_the_sampling_loop_at_its_expected_length(recipe_plan):
     (call,) = recipe_plan.calls
-    (share,) = recipe_plan.shares
+    share, update = recipe_plan.shares
     # E[k] + 1 (the target's turn) for one sample per device, k uniform in 0..9
     assert share.calls == pytest.approx(5.5)
-    assert recipe_plan.flops == pytest.approx(share.program.flops + 4.5 * call.flops)
+    assert recipe_plan.flops == pytest.approx(share.program.flops + 4.5 * call.flops + update.program.flops)
     # the devices wait for the slowest: E[largest of 4 k] = sum_m 1 - (m / 10) ** 4
     assert share.slowest_calls == pytest.approx(1 + sum(1 - (m / 10) ** 4 for m in range(1, 10)))
     compute, memory, bound = recipe_plan.seconds
     chip = recipe_plan.topo.chip
     slowest_flops = share.program.flops + (share.slowest_calls - 1) * call.flops  # XLA's, the larger count here
-    assert compute == pytest.approx(slowest_flops / chip.bf16_flops)
-    assert bound == max(compute, memory)
+    assert compute == pytest.approx((slowest_flops + update.program.flops) / chip.bf16_flops)
+    assert bound >= max(compute, memory)
 
 
 def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached_step(configs_only):
     settings = dict(trajectories=6, shard_params=True, frozen_dtype="bfloat16")
     found = plan.plan_erase(erase_config(configs_only, **settings), TOPOLOGY)
-    sampler, step = found.programs
+    sampler, pairs, update = found.programs
     # 6 trajectories padded to 8 over 4 devices, 2 each: 10 steps of x_t and target, float32, and a concept
     cache = 2 * 10 * 2 * (4 * 16 * 16) * 4 + 2 * 4
     assert found.memory["trajectory cache"] == cache
-    assert step.argument_bytes > cache
-    assert found.shares[1].times == pytest.approx(1 / 100) and found.shares[1].calls == 10
+    assert pairs.argument_bytes > cache
+    assert found.shares[2].times == pytest.approx(1 / 100) and found.shares[2].calls == 10
     # bfloat16, each weight sharded over the 4 devices where a dimension divides by 4, else whole on each
     frozen = sum(
         2 * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
