@@ -1,6 +1,7 @@
 """`esd-jax plan`: the erase step and the sampler compiled for a TPU topology on this CPU (libtpu), checked
 against counts made without esd-jax: parameter bytes from the PyTorch model, FLOPs from PyTorch's counter."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -164,13 +165,16 @@ def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached
     assert found.memory["frozen weights"] == frozen
 
 
-def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, monkeypatch, capsys):
-    monkeypatch.setitem(plan.CHIPS, "TPU v5 lite", plan.Chip("v5e", 2**20, 197e12, 819e9))
-    args = ["esd-jax", "plan", "--config", ESD_X, f"--config.model={configs_only}"]
-    code = cli.main([*args, "--config.concept=a", "--config.ddim_steps=10", f"--topology={TOPOLOGY}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1
+def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, recipe_plan, monkeypatch, capsys):
+    tiny = dataclasses.replace(recipe_plan.topo, chip=plan.Chip("v5e", 2**20, 197e12, 819e9))  # 1 MiB of HBM
+    monkeypatch.setattr(plan, "plan_erase", lambda cfg, name: dataclasses.replace(recipe_plan, topo=tiny))
+    args = ["esd-jax", "plan", "--config", ESD_X, f"--config.model={configs_only}", "--config.concept=a"]
+    code = cli.main([*args, f"--topology={TOPOLOGY}"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "peak, of the 1.0 MiB there" in captured.out
     assert err[0].startswith("error: does not fit:") and "--config.dtype=bfloat16" in err[0]
+    assert "--config.frozen_dtype=bfloat16" in err[0] and "--config.shard_params=True" in err[0]
 
 
 def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path, capsys):
