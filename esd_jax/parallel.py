@@ -49,10 +49,14 @@ def fsdp_axis(shape: tuple[int, ...], n: int) -> int | None:
     return None
 
 
+def sharded_on(axis: int | None, rank: int) -> P:
+    """The spec of an array of `rank` axes sharded over the mesh on `axis` (None: replicated)."""
+    return P() if axis is None else P(*[AXIS if i == axis else None for i in range(rank)])
+
+
 def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
     """Shards an array over the mesh along its largest axis divisible by the device count, if any."""
-    axis = fsdp_axis(shape, n)
-    return P() if axis is None else P(*[AXIS if i == axis else None for i in range(len(shape))])
+    return sharded_on(fsdp_axis(shape, n), len(shape))
 
 
 def is_variable(x) -> bool:
@@ -70,8 +74,7 @@ def local_specs(state):
     """The shard_map specs of `state` as `gathered_where_used` marked it: each parameter's own."""
 
     def spec(v):
-        axis = v.get_metadata().get("gather") if is_variable(v) else None
-        return P() if axis is None else P(*[AXIS if i == axis else None for i in range(len(v.shape))])
+        return sharded_on(v.get_metadata().get("gather") if is_variable(v) else None, len(v.shape))
 
     return jax.tree.map(spec, state, is_leaf=is_variable)
 

@@ -76,16 +76,20 @@ def read_settings(path: Path) -> dict[str, Any] | None:
     return values
 
 
-def check_same_run(workdir: Path, settings: dict[str, Any], resumable: tuple[str, ...]) -> None:
-    """Refuses a workdir that holds a run of other settings, so runs never mix."""
+def check_same_run(
+    workdir: Path, settings: dict[str, Any], resumable: tuple[str, ...], defaults: dict[str, Any] | None = None
+) -> None:
+    """Refuses a workdir that holds a run of other settings, so runs never mix. A setting the saved run
+    does not name (it came with a later esd-jax) had its value in `defaults` then."""
     old = read_settings(workdir / "config.json")
     if old is None:
         return
-    differ = [k for k in settings if k not in resumable and old.get(k) != settings[k]]
+    then = (defaults or {}) | old
+    differ = [k for k in settings if k not in resumable and then.get(k) != settings[k]]
     if differ:
         k = differ[0]
         raise UserError(
-            f"workdir {workdir} holds a run with {k}={old.get(k)!r}, not {settings[k]!r}; "
+            f"workdir {workdir} holds a run with {k}={then.get(k)!r}, not {settings[k]!r}; "
             "use another workdir (or delete that one) to start a new run"
         )
 
@@ -106,7 +110,12 @@ def check_apart_from_model(workdir: Path, model_folder: Path) -> None:
 
 
 def check_erase_workdir(
-    workdir: Path, settings: dict[str, Any], resumable: tuple[str, ...], model_folder: Path, done: int | None
+    workdir: Path,
+    settings: dict[str, Any],
+    resumable: tuple[str, ...],
+    model_folder: Path,
+    done: int | None,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Refuses a workdir whose checkpoints (the latest at step `done`) were made with other settings or from
     a base model whose files have changed since."""
@@ -118,7 +127,7 @@ def check_erase_workdir(
         raise UserError(
             f"workdir {workdir} holds checkpoints but no esd-jax run's config.json; use another --config.workdir"
         )
-    check_same_run(workdir, settings, resumable)
+    check_same_run(workdir, settings, resumable, defaults)
     then = read_settings(workdir / MODEL_FILES)
     if then is not None and then["files"] != (now := files.fingerprint(model_folder)):
         changed = next(iter(sorted({tuple(f) for f in then["files"]} ^ {tuple(f) for f in now})))[0]

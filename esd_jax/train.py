@@ -77,7 +77,8 @@ def compile_side_by_side(*programs: tuple) -> None:
 def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path) -> Path:
     settings = dataclasses.asdict(cfg)
     done = checkpoints.latest_step(workdir)
-    run.check_erase_workdir(workdir, settings, RESUMABLE_CHANGES, model_folder, done)
+    defaults = dataclasses.asdict(EraseConfig())
+    run.check_erase_workdir(workdir, settings, RESUMABLE_CHANGES, model_folder, done, defaults)
     # What can fail at the end fails now, before the run's work: the delta's name on this file system,
     # and a workdir already past the iterations asked for.
     out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)

@@ -112,6 +112,18 @@ def test_extending_a_finished_run_equals_running_longer(sd1_folder, reference_ru
     assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(sd1_folder, reference_run, tmp_path):
+    _, delta = reference_run
+    erase(config(**settings(sd1_folder, tmp_path, iterations=2)))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["frozen_dtype"]  # as an esd-jax from before frozen_dtype wrote it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    resumed = load_file(erase(config(**settings(sd1_folder, tmp_path))))
+    assert all(np.array_equal(resumed[k], delta[k]) for k in delta)
+    with pytest.raises(UserError, match="holds a run with frozen_dtype='float32', not 'bfloat16'"):
+        erase(config(**settings(sd1_folder, tmp_path, iterations=6, frozen_dtype="bfloat16")))
+
+
 def test_sharded_frozen_weights_and_optimizer_state_give_the_same_weights(sd1_folder, reference_run, tmp_path):
     _, delta = reference_run
     sharded = load_file(erase(config(**settings(sd1_folder, tmp_path, shard_params=True))))
