@@ -363,7 +363,7 @@ def make_train_step(
             check_vma=False,
         )
         x_t, target = sampled(state.trainable, frozen, original, prompts, k, concept, noise_keys)
-        return Pairs(x_t=x_t, target=jax.lax.stop_gradient(target), concept=concept, k=k)
+        return Pairs(x_t=x_t, target=target, concept=concept, k=k)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, frozen, prompts: Prompts, pairs: Pairs):
