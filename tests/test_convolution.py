@@ -58,3 +58,12 @@ def test_large_maps_keep_xla_convolution():
     w = jnp.zeros((3, 3, 640, 640), jnp.float32)
     fn = jax.jit(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))
     assert "convolution(" in fn.lower(x, w).compile().as_text()
+
+
+def test_a_1x1_convolution_is_a_matrix_product_equal_to_torch_conv2d():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 6, 8), np.float32)
+    w = rng.standard_normal((1, 1, 8, 12), np.float32)
+    fn = jax.jit(lambda x, w: conv2d(x, w))
+    assert "convolution(" not in fn.lower(x, w).as_text()
+    np.testing.assert_allclose(np.asarray(fn(x, w)), torch_conv(x, w, 1, ((0, 0), (0, 0))), atol=1e-5, rtol=1e-5)

@@ -17,6 +17,11 @@ CPU_PATCHES_MIN_WEIGHTS = 3 * 3 * 640 * 640
 
 def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
     """PyTorch's conv2d on x [B, H, W, Cin] with w [kh, kw, Cin, Cout] (HWIO), no bias."""
+    if w.shape[:2] == (1, 1) and stride == 1 and padding == ((0, 0), (0, 0)):
+        # The same map as a matrix product, which XLA's TPU compiler generates code for faster than for a
+        # convolution, and runs with fewer bytes moved: one SD 1.4 transformer block (two of these) at
+        # 64x64 compiles for a v5e in 3.3 s, not 5.2 s, its backward in 6.2 s, not 9.9 s.
+        return jnp.dot(x, w[0, 0])
     xla = functools.partial(_xla, stride=stride, padding=padding)
     b, h, wd, ci = x.shape
     (pt, pb), (pl, pr) = padding
