@@ -67,3 +67,21 @@ def test_a_1x1_convolution_is_a_matrix_product_equal_to_torch_conv2d():
     fn = jax.jit(lambda x, w: conv2d(x, w))
     assert "convolution(" not in fn.lower(x, w).as_text()
     np.testing.assert_allclose(np.asarray(fn(x, w)), torch_conv(x, w, 1, ((0, 0), (0, 0))), atol=1e-5, rtol=1e-5)
+
+
+def lowered_for(platform: str, fn, *args) -> str:
+    return jax.export.export(jax.jit(fn), platforms=[platform])(*args).mlir_module()
+
+
+def test_tpus_take_patches_for_one_sample_on_a_large_map_only():
+    w = jax.ShapeDtypeStruct((3, 3, 8, 8), jnp.bfloat16)
+    padding = ((1, 1), (1, 1))
+
+    def conv(x, w):
+        return conv2d(x, w, padding=padding)
+
+    one = jax.ShapeDtypeStruct((1, 64, 64, 8), jnp.bfloat16)
+    assert "stablehlo.convolution" not in lowered_for("tpu", conv, one, w)
+    assert "stablehlo.convolution" in lowered_for("cpu", conv, one, w)
+    for other in ((2, 64, 64, 8), (1, 32, 32, 8)):
+        assert "stablehlo.convolution" in lowered_for("tpu", conv, jax.ShapeDtypeStruct(other, jnp.bfloat16), w)

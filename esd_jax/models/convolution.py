@@ -13,6 +13,12 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 # gains nothing below SD 1.4's 640-channel kernels, so CPUs take it only for kernels of at least that
 # many weights on maps of at most as many positions (batch x height x width) as input channels.
 CPU_PATCHES_MIN_WEIGHTS = 3 * 3 * 640 * 640
+# XLA's TPU compiler turns a one-sample convolution on a large map into code that takes it about a
+# minute to generate where the map then flows into a Pallas attention kernel: SD 1.4's first down block
+# at batch 1 (the ESD update's) compiles for a v5e in 59 s forward and 62 s backward, and in 5 s and
+# 12 s written as patches @ weights, for a third more bytes moved by XLA's count. So a TPU takes the
+# rewrite for one sample on maps of at least this many positions (SD's 64x64 latents).
+TPU_PATCHES_MIN_POSITIONS = 64 * 64
 
 
 def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
@@ -26,10 +32,13 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((
     b, h, wd, ci = x.shape
     (pt, pb), (pl, pr) = padding
     positions = b * ((h + pt + pb - w.shape[0]) // stride + 1) * ((wd + pl + pr - w.shape[1]) // stride + 1)
-    if w.size < CPU_PATCHES_MIN_WEIGHTS or positions > ci:
-        return xla(x, w)
-    cpu = functools.partial(patches_matmul, stride=stride, padding=padding)
-    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)
+    patches = functools.partial(patches_matmul, stride=stride, padding=padding)
+    kernels = {}
+    if w.size >= CPU_PATCHES_MIN_WEIGHTS and positions <= ci:
+        kernels["cpu"] = patches
+    if b == 1 and positions >= TPU_PATCHES_MIN_POSITIONS:
+        kernels["tpu"] = patches
+    return jax.lax.platform_dependent(x, w, **kernels, default=xla) if kernels else xla(x, w)
 
 
 def _xla(x: jax.Array, w: jax.Array, *, stride: int, padding: Padding) -> jax.Array:
