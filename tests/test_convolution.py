@@ -83,5 +83,5 @@ def test_tpus_take_patches_for_one_sample_on_a_large_map_only():
     one = jax.ShapeDtypeStruct((1, 64, 64, 8), jnp.bfloat16)
     assert "stablehlo.convolution" not in lowered_for("tpu", conv, one, w)
     assert "stablehlo.convolution" in lowered_for("cpu", conv, one, w)
-    for other in ((2, 64, 64, 8), (1, 32, 32, 8)):
+    for other in ((2, 64, 64, 8), (1, 32, 32, 8), (1, 256, 256, 8)):
         assert "stablehlo.convolution" in lowered_for("tpu", conv, jax.ShapeDtypeStruct(other, jnp.bfloat16), w)

@@ -17,8 +17,9 @@ CPU_PATCHES_MIN_WEIGHTS = 3 * 3 * 640 * 640
 # minute to generate where the map then flows into a Pallas attention kernel: SD 1.4's first down block
 # at batch 1 (the ESD update's) compiles for a v5e in 59 s forward and 62 s backward, and in 5 s and
 # 12 s written as patches @ weights, for a third more bytes moved by XLA's count. So a TPU takes the
-# rewrite for one sample on maps of at least this many positions (SD's 64x64 latents).
-TPU_PATCHES_MIN_POSITIONS = 64 * 64
+# rewrite for one sample on maps from SD's 64x64 latents to SDXL's 128x128; the patches hold 9 times
+# the map, so larger ones (the VAE decoder's 256x256 and 512x512) keep XLA's convolution.
+TPU_PATCHES_POSITIONS = (64 * 64, 128 * 128)
 
 
 def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((0, 0), (0, 0))) -> jax.Array:
@@ -36,7 +37,7 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride: int = 1, padding: Padding = ((
     kernels = {}
     if w.size >= CPU_PATCHES_MIN_WEIGHTS and positions <= ci:
         kernels["cpu"] = patches
-    if b == 1 and positions >= TPU_PATCHES_MIN_POSITIONS:
+    if b == 1 and TPU_PATCHES_POSITIONS[0] <= positions <= TPU_PATCHES_POSITIONS[1]:
         kernels["tpu"] = patches
     return jax.lax.platform_dependent(x, w, **kernels, default=xla) if kernels else xla(x, w)
 
