@@ -34,6 +34,10 @@ class EraseConfig:
     model: str = "toy"  # a diffusers folder, a hub id, or "toy": the embedded toy pipeline
     concept: str = ""  # the prompt to erase; several separated by "|", one drawn per sample
     erase_from: str = ""  # optional prompt(s) to erase it from (official esd_sd.py's --erase_from); "": none
+    # Prompts whose images must not change, "|"-separated: each step also trains as many pairs sampled under
+    # them towards the frozen model's own prediction there (esd.retaining_loss); "": the paper's ESD.
+    retain: str = ""
+    retain_weight: float = 1.0  # lambda in loss = ESD loss + lambda x retain loss
     method: str = "esd-x"  # which weights train; see esd_jax.partition.METHODS
     iterations: int = 1000  # the paper's 1000 steps
     learning_rate: float = 1e-5  # the paper's Adam learning rate
@@ -87,6 +91,10 @@ class EraseConfig:
             )
         if self.erase_from and len(self.erase_froms) not in (1, len(self.concepts)):
             raise bad("erase_from", f"give one prompt, or one per concept ({len(self.concepts)})")
+        if self.retain.strip() and any(not r for r in self.retains):
+            raise bad("retain", "a retain prompt is empty; give prompts separated by '|', each non-empty")
+        if not (0 <= self.retain_weight < FLOAT32_MAX):
+            raise bad("retain_weight", "give a finite weight >= 0 for the retain loss (1: as much as the ESD loss)")
         if self.method not in METHODS:
             raise bad("method", f"unknown method; choose one of {', '.join(METHODS)}")
         for key in (
@@ -133,6 +141,10 @@ class EraseConfig:
     @property
     def concepts(self) -> list[str]:
         return [c.strip() for c in self.concept.split("|")] if self.concept.strip() else []
+
+    @property
+    def retains(self) -> list[str]:
+        return [r.strip() for r in self.retain.split("|")] if self.retain.strip() else []
 
     @property
     def erase_froms(self) -> list[str]:

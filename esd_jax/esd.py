@@ -4,6 +4,8 @@ Gandikota et al., "Erasing Concepts from Diffusion Models" (ICCV 2023). For each
 sample x_t with classifier-free-guided DDIM under the concept, then train the model so that,
 conditioned on the concept, it predicts the frozen model's noise pushed away from the concept:
     target = e_base - eta * (e_c - e_0),  e_base = e_0 (paper) or e_f (erase-from, official code).
+With retain prompts r, every step also trains as many retain pairs, sampled under r, towards the frozen
+model's own prediction e_r there, weighted by lambda: loss = mean(ESD) + lambda mean((e_theta(x_r, r) - e_r)^2).
 """
 
 import dataclasses
@@ -34,14 +36,31 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-    """Text embeddings, encoded once: the concepts, their erase-from prompts (or None) and ""."""
+    """Text embeddings, encoded once: the concepts, their erase-from prompts (or None), "" and the retain
+    prompts (or None). A training row names its prompt by an index into the concepts followed by the
+    retain prompts (prompt_tables)."""
 
     concept: jax.Array  # [n, L, D]
     erase_from: jax.Array | None  # [n, L, D]
     null: jax.Array  # [L, D]
+    retain: jax.Array | None = None  # [m, L, D]
 
 
-jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null"], meta_fields=[])
+jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null", "retain"], meta_fields=[])
+
+
+def prompt_tables(prompts: Prompts) -> tuple[jax.Array, jax.Array]:
+    """(c, f), indexed by a row's prompt: the concepts and then the retain prompts in c, the prompts the
+    frozen model samples under in f (the erase-from prompts, else the concepts; a retain prompt is its own)."""
+    f = prompts.concept if prompts.erase_from is None else prompts.erase_from
+    if prompts.retain is None:
+        return prompts.concept, f
+    return jnp.concatenate([prompts.concept, prompts.retain]), jnp.concatenate([f, prompts.retain])
+
+
+def is_retained(prompts: Prompts, index: jax.Array) -> jax.Array:
+    """Which rows, by prompt index, are retain pairs."""
+    return index >= prompts.concept.shape[0]
 
 
 @dataclasses.dataclass
@@ -109,18 +128,33 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-# Folded into the run's key for the fast mode's randomness (esd_jax.trajectories); a step never reaches them.
+# Folded into the run's key for the fast mode's randomness (esd_jax.trajectories) and the retain pairs'; a
+# step never reaches them.
 TRAJECTORY_STREAM = 2**31 - 1
 PAIR_STREAM = 2**31 - 2
+RETAIN_STREAM = 2**31 - 3
 
 
-def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_concepts: int):
+def retain_key(rng: jax.Array) -> jax.Array:
+    """The key the retain pairs are drawn with, as the erase pairs are with `rng`: adding retain prompts
+    leaves the erase pairs as they were."""
+    return jax.random.fold_in(rng, RETAIN_STREAM)
+
+
+def interleaved(erase: jax.Array, retain: jax.Array, devices: int) -> jax.Array:
+    """Rows [G] and [G] as [2G] whose every device's block (sharded over the batch) holds its share of the
+    erase rows and then as many retain rows."""
+    blocks = [x.reshape(devices, -1, *x.shape[1:]) for x in (erase, retain)]
+    return jnp.concatenate(blocks, axis=1).reshape(-1, *erase.shape[1:])
+
+
+def sample_draws(rng: jax.Array, step: jax.Array, global_batch: int, ddim_steps: int, num_prompts: int):
     """Per-sample randomness from (seed, step, sample index): independent of how many devices run it."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, step), i))(jnp.arange(global_batch))
     k = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 0), (), 0, ddim_steps))(keys)
-    concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
+    prompt = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_prompts))(keys)
     noise_keys = jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
-    return k, concept, noise_keys
+    return k, prompt, noise_keys
 
 
 def cache_of(step, refresh_every: int):
@@ -155,6 +189,13 @@ def guided(objective: Objective, e_null: jax.Array, e_cond: jax.Array) -> jax.Ar
 def negatively_guided(objective: Objective, e_0: jax.Array, e_c: jax.Array, e_base: jax.Array) -> jax.Array:
     """The ESD target e_base - eta (e_c - e_0)."""
     return e_base - objective.negative_guidance * (e_c - e_0)
+
+
+def targets(objective: Objective, e_0, e_c, e_base, retained: jax.Array | None) -> jax.Array:
+    """The ESD target on erase rows; on `retained` rows ([B] bool; None: none) e_c, the frozen model's
+    prediction under the row's own (retain) prompt."""
+    target = negatively_guided(objective, e_0, e_c, e_base)
+    return target if retained is None else jnp.where(retained[:, None, None, None], e_c, target)
 
 
 def partial_sample(
@@ -214,15 +255,22 @@ def expected_sampling_steps(ddim_steps: int, batch: int) -> float:
 
 
 def esd_target(
-    frozen_unet, objective: Objective, x_t: jax.Array, t: jax.Array, c: jax.Array, f: jax.Array, null: jax.Array
+    frozen_unet,
+    objective: Objective,
+    x_t: jax.Array,
+    t: jax.Array,
+    c: jax.Array,
+    f: jax.Array,
+    null: jax.Array,
+    retained: jax.Array | None = None,
 ) -> jax.Array:
-    """e_base - eta (e_c - e_0) from the frozen model, its predictions batched into one UNet call."""
+    """e_base - eta (e_c - e_0) from the frozen model (targets), its predictions batched into one UNet call."""
     contexts = [jnp.broadcast_to(null, c.shape), c] + ([f] if objective.erase_from else [])
     n = len(contexts)
     preds = frozen_unet(jnp.concatenate([x_t] * n), jnp.concatenate([t] * n), jnp.concatenate(contexts))
     e_0, e_c, *rest = jnp.split(preds.astype(jnp.float32), n)
     e_base = rest[0] if objective.erase_from else e_0
-    return jax.lax.stop_gradient(negatively_guided(objective, e_0, e_c, e_base))
+    return jax.lax.stop_gradient(targets(objective, e_0, e_c, e_base, retained))
 
 
 def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
@@ -231,17 +279,26 @@ def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: ja
     return jnp.mean(jnp.square(e_theta.astype(jnp.float32) - target))
 
 
+def retaining_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float):
+    """(ESD loss + retain_weight x retain loss, (ESD loss, retain loss)) of one device's rows, its erase
+    rows first and then as many retain rows (interleaved)."""
+    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
+    squared = jnp.square(e_theta.astype(jnp.float32) - target)
+    erase, retain = (jnp.mean(half) for half in jnp.split(squared, 2))
+    return erase + retain_weight * retain, (erase, retain)
+
+
 @dataclasses.dataclass
 class Pairs:
-    """One step's training pairs, on the devices: x_t, the target there, the concepts and their k."""
+    """One step's training pairs, on the devices: x_t, the target there, their prompts and their k."""
 
     x_t: jax.Array  # [B, C, H, W]
     target: jax.Array  # [B, C, H, W] float32
-    concept: jax.Array  # [B] int32
+    prompt: jax.Array  # [B] int32: an index into prompt_tables
     k: jax.Array  # [B] int32: the DDIM step of x_t
 
 
-jax.tree_util.register_dataclass(Pairs, data_fields=["x_t", "target", "concept", "k"], meta_fields=[])
+jax.tree_util.register_dataclass(Pairs, data_fields=["x_t", "target", "prompt", "k"], meta_fields=[])
 
 
 def local_pairs(
@@ -253,21 +310,23 @@ def local_pairs(
     objective: Objective,
     prompts: Prompts,
     k: jax.Array,
-    concept: jax.Array,
+    prompt: jax.Array,
     noise_keys: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """(x_t, target) of one device's samples: x_t by partial sampling, the target from the frozen model."""
-    c = prompts.concept[concept]  # [B, L, D]
-    f = prompts.erase_from[concept] if objective.erase_from else c
+    """(x_t, target) of one device's samples, `prompt` indexing the prompt tables: x_t by partial sampling,
+    the target from the frozen model."""
+    c_table, f_table = prompt_tables(prompts)
+    c, f = c_table[prompt], f_table[prompt]  # [B, L, D]
+    retained = None if prompts.retain is None else is_retained(prompts, prompt)
     noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)  # [B, C, H, W]
     if shares_the_loop(objective):
         sampler = nnx.merge(graphdef, original, frozen)
         x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
-        return x_t, negatively_guided(objective, e_0, e_c, e_0)
+        return x_t, targets(objective, e_0, e_c, e_0, retained)
     sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
     x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
     t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
-    return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null)
+    return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null, retained)
 
 
 def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimizer, mesh: Mesh):
@@ -289,6 +348,7 @@ def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimi
         cfg.batch_per_device,
         trajectories=cfg.trajectories,
         refresh_every=cfg.refresh_every,
+        retain_weight=cfg.retain_weight,
     )
     return objective, step
 
@@ -321,24 +381,39 @@ def make_train_step(
     batch_per_device: int,
     trajectories: int = 0,
     refresh_every: int = 0,
+    retain_weight: float = 1.0,
 ) -> TrainStep:
     """The step of an erase run over `mesh` (TrainStep).
 
     Inside shard_maps every device samples and differentiates its own share of the batch (so its sampling
     loop runs only as long as its own k needs); gradients are averaged over the mesh, and the optax update
     runs on the (replicated or sharded) optimizer state outside them. With `trajectories` > 0 the pairs
-    come from the fast mode's cache (esd_jax.trajectories) instead.
+    come from the fast mode's cache (esd_jax.trajectories) instead. With retain prompts, each device's
+    rows are its erase pairs followed by as many retain pairs (interleaved), drawn as the erase pairs are
+    but from retain_key, and the loss adds `retain_weight` x theirs.
     """
-    global_batch = batch_per_device * mesh.devices.size
+    devices = mesh.devices.size
+    global_batch = batch_per_device * devices
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
 
-    def local_sampled(trainable, frozen, original, prompts, k, concept, noise_keys):
-        return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, concept, noise_keys)
+    def local_sampled(trainable, frozen, original, prompts, k, prompt, noise_keys):
+        return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, prompt, noise_keys)
 
-    def local_trained(trainable, frozen, prompts, x_t, t, concept, target):
-        f = prompts.erase_from[concept] if objective.erase_from else prompts.concept[concept]
-        loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, f, target)
-        return jax.lax.pmean(loss, AXIS), jax.lax.pmean(grads, AXIS)
+    def local_trained(trainable, frozen, prompts, x_t, t, prompt, target):
+        cond = prompt_tables(prompts)[1][prompt]
+        if prompts.retain is None:
+            loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, cond, target)
+            losses = {"loss": loss}
+        else:
+            (_, (loss, retained)), grads = jax.value_and_grad(retaining_loss, has_aux=True)(
+                trainable, frozen, graphdef, x_t, t, cond, target, retain_weight
+            )
+            losses = {"loss": loss, "retain_loss": retained}
+        return jax.lax.pmean(losses, AXIS), jax.lax.pmean(grads, AXIS)
+
+    def with_retained(erase: tuple, retain) -> tuple:
+        """The erase rows' (k, prompt, ...) interleaved with those `retain` draws from retain_key."""
+        return tuple(interleaved(a, b, devices) for a, b in zip(erase, retain, strict=True))
 
     # The replicated weights meet each device's own samples inside lax loops; JAX's varying-axis check
     # would want every such use marked with lax.pvary, which would say nothing the specs do not. The
@@ -350,10 +425,17 @@ def make_train_step(
     def pairs(state: TrainState, frozen, original, prompts: Prompts, cache=None) -> Pairs:
         if cache is not None:
             j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
-            return Pairs(x_t=cache.x_t[j, k], target=cache.target[j, k], concept=cache.concept[j], k=k)
-        k, concept, noise_keys = sample_draws(
-            state.rng, state.step, global_batch, objective.ddim_steps, prompts.concept.shape[0]
-        )
+            if prompts.retain is not None:
+                rj, rk = pair_draws(
+                    retain_key(state.rng), state.step, trajectories, objective.ddim_steps, global_batch, refresh_every
+                )
+                j, k = with_retained((j, k), (rj + cache.x_t.shape[0] // 2, rk))
+            return Pairs(x_t=cache.x_t[j, k], target=cache.target[j, k], prompt=cache.prompt[j], k=k)
+        n, draws = prompts.concept.shape[0], (state.step, global_batch, objective.ddim_steps)
+        k, prompt, noise_keys = sample_draws(state.rng, *draws, n)
+        if prompts.retain is not None:
+            rk, rp, rkeys = sample_draws(retain_key(state.rng), *draws, prompts.retain.shape[0])
+            k, prompt, noise_keys = with_retained((k, prompt, noise_keys), (rk, rp + n, rkeys))
         weights = parallel.local_specs(frozen), parallel.local_specs(original)
         sampled = jax.shard_map(
             local_sampled,
@@ -362,8 +444,8 @@ def make_train_step(
             out_specs=batch,
             check_vma=False,
         )
-        x_t, target = sampled(state.trainable, frozen, original, prompts, k, concept, noise_keys)
-        return Pairs(x_t=x_t, target=target, concept=concept, k=k)
+        x_t, target = sampled(state.trainable, frozen, original, prompts, k, prompt, noise_keys)
+        return Pairs(x_t=x_t, target=target, prompt=prompt, k=k)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, frozen, prompts: Prompts, pairs: Pairs):
@@ -374,15 +456,16 @@ def make_train_step(
             out_specs=(P(), P()),
             check_vma=False,
         )
-        loss, grads = trained(
-            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.concept, pairs.target
+        losses, grads = trained(
+            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)
         # Replicated, so every host can read the metrics. `finite` checks the new weights as well as the
-        # loss: a finite loss can still take an overflowing step.
+        # losses: a finite loss can still take an overflowing step. k is every row's (interleaved).
         k = jax.lax.with_sharding_constraint(pairs.k, NamedSharding(mesh, P()))
-        return new_state, {"loss": loss, "k": k, "finite": jnp.isfinite(loss) & all_finite(trainable)}
+        finite = all_finite(losses) & all_finite(trainable)
+        return new_state, {**losses, "k": k, "finite": finite}
 
     return TrainStep(pairs, update)

@@ -44,7 +44,8 @@ class MetricsLog:
 def plot_loss(
     metrics_path: Path, out: Path, title: str, ylabel: str = "ESD loss (MSE to the negatively guided target)"
 ) -> None:
-    """The loss per step and its running mean, on a log scale (the ESD loss spans decades)."""
+    """The loss per step and its running mean, on a log scale (the ESD loss spans decades); the retain
+    loss beside it where the run has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,14 +54,18 @@ def plot_loss(
     rows = MetricsLog.read_rows(metrics_path)
     if not rows:
         return
-    step = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows])
-    window = max(1, len(loss) // 20)
-    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    window = max(1, len(rows) // 20)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    ax.plot(step, loss, lw=0.8, alpha=0.35 if window > 1 else 1.0, color="tab:blue", label="loss")
-    if window > 1:
-        ax.plot(step[window - 1 :], smooth, lw=2, color="tab:blue", label=f"mean of {window} steps")
+    for key, colour in (("loss", "tab:blue"), ("retain_loss", "tab:orange")):
+        kept = [r for r in rows if isinstance(r.get(key), float)]
+        if not kept:
+            continue
+        step, loss = np.array([r["step"] for r in kept]), np.array([r[key] for r in kept])
+        name = key.replace("_", " ")
+        ax.plot(step, loss, lw=0.8, alpha=0.35 if window > 1 else 1.0, color=colour, label=name)
+        if window > 1 and len(loss) >= window:
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(step[window - 1 :], smooth, lw=2, color=colour, label=f"{name}, mean of {window} steps")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)

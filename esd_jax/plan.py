@@ -178,7 +178,7 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int) -> Prompts:
+def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int, retains: int = 0) -> Prompts:
     """The run's prompt embeddings as shapes: the text encoder's output at the tokenizer's length."""
     length = pipe.configs["text_encoder"]["max_position_embeddings"]
     ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
@@ -189,6 +189,7 @@ def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int) -> Pro
         concept=jax.ShapeDtypeStruct((concepts, *shape), dtype),
         erase_from=jax.ShapeDtypeStruct((erase_froms, *shape), dtype) if erase_froms else None,
         null=jax.ShapeDtypeStruct(shape, dtype),
+        retain=jax.ShapeDtypeStruct((retains, *shape), dtype) if retains else None,
     )
 
 
@@ -349,7 +350,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
     optimizer = optax.adam(cfg.learning_rate)
     state = jax.eval_shape(lambda t: initial_state(t, optimizer, cfg.seed), trainable)
-    prompts = prompt_shapes(pipe, len(cfg.concepts), len(cfg.erase_froms))
+    prompts = prompt_shapes(pipe, len(cfg.concepts), len(cfg.erase_froms), len(cfg.retains))
     inputs, shardings = step_inputs(
         mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
     )
@@ -362,7 +363,8 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         "optimizer state (Adam)": per_device_bytes(state.opt_state),
         "prompt embeddings": per_device_bytes(prompts),
     }
-    n, b = cfg.ddim_steps, cfg.batch_per_device
+    # With retain prompts every device's rows are its erase pairs and as many retain pairs.
+    n, b = cfg.ddim_steps, cfg.batch_per_device * (2 if cfg.retains else 1)
     if not cfg.trajectories:
         (pairs_fn, pairs_args), (update_fn, update_args) = step_fn.programs(state, frozen, original, prompts)
         (pairs, update), seconds = compile_side_by_side(
@@ -391,7 +393,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
             ("erase step: update (forward, backward, Adam)", update_fn, update_args),
         )
         contexts = 3 if cfg.erase_from else 2
-        per_device = padded_count(cfg.trajectories, devices) // devices
+        per_device = padded_count(cfg.trajectories, devices) // devices * (2 if cfg.retains else 1)
         call = unet_call(graphdef, (original, frozen), topo, contexts * per_device, shape, prompts)
         caches = caches_in(cfg.iterations, cfg.refresh_every)
         shares = [Share(pairs), Share(update), Share(sample, caches / cfg.iterations, call, n, n)]
@@ -401,8 +403,10 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         )
         programs = [sample, pairs, update]
     fast = f", fast mode ({cfg.trajectories} trajectories)" if cfg.trajectories else ""
+    retained = f" and as many retain pairs ({len(cfg.retains)} prompts)" if cfg.retains else ""
     title = (
-        f"erase {cfg.method} on {cfg.model}, {shape[1] * pipe.vae_factor} px, batch {b} per device x {devices}, "
+        f"erase {cfg.method} on {cfg.model}, {shape[1] * pipe.vae_factor} px, batch {cfg.batch_per_device}"
+        f"{retained} per device x {devices}, "
         f"{cfg.dtype} compute, {cfg.frozen_dtype} frozen weights, "
         f"{'shard_params (FSDP)' if cfg.shard_params else 'replicated'}{fast}"
     )

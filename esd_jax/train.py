@@ -36,11 +36,16 @@ def encode(text_encoder, ids: jax.Array) -> jax.Array:
 
 
 def encode_prompts(pipe: StableDiffusion, cfg: EraseConfig) -> Prompts:
-    """The concepts, their erase-from prompts and "", through the text encoder in one call."""
-    texts = [*cfg.concepts, *cfg.erase_froms, ""]
+    """The concepts, their erase-from prompts, "" and the retain prompts, through the text encoder in one call."""
+    texts = [*cfg.concepts, *cfg.erase_froms, "", *cfg.retains]
     embeddings = encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
     n, m = len(cfg.concepts), len(cfg.erase_froms)
-    return Prompts(concept=embeddings[:n], erase_from=embeddings[n : n + m] if m else None, null=embeddings[-1])
+    return Prompts(
+        concept=embeddings[:n],
+        erase_from=embeddings[n : n + m] if m else None,
+        null=embeddings[n + m],
+        retain=embeddings[n + m + 1 :] if cfg.retains else None,
+    )
 
 
 def erase(cfg: EraseConfig) -> Path:
@@ -131,7 +136,9 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
         sample_cache = make_trajectory_sampler(graphdef, schedule, objective, mesh, cfg.trajectories)
         if main:
             fresh = f", fresh ones every {cfg.refresh_every} iterations" if cfg.refresh_every else ""
-            print(f"caching {cfg.trajectories} trajectories: {cfg.trajectories * cfg.ddim_steps} training pairs{fresh}")
+            retained = f", and as many under the {len(cfg.retains)} retain prompt(s)" if cfg.retains else ""
+            pairs = cfg.trajectories * cfg.ddim_steps
+            print(f"caching {cfg.trajectories} trajectories: {pairs} training pairs{retained}{fresh}")
         index = parallel.place(np.int32(0), mesh)
         cache_shapes = jax.eval_shape(sample_cache, original, frozen, prompts, state.rng, index)
         compile_side_by_side(
@@ -181,9 +188,8 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
                     "try a lower learning_rate (or negative_guidance)"
                 )
             if log:
-                log.write(
-                    {"step": step, "loss": float(row["loss"]), "k": [int(x) for x in row["k"]], "seconds": seconds}
-                )
+                losses = {key: float(row[key]) for key in ("loss", "retain_loss") if key in row}
+                log.write({"step": step, **losses, "k": [int(x) for x in row["k"]], "seconds": seconds})
         bar.set_postfix(loss=f"{float(rows[-1]['loss']):.3e}")
         pending.clear()
         flushed_at = time.perf_counter()

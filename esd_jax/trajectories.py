@@ -9,7 +9,9 @@ for e_c); the recipe pays on average (N - 1) / 2 guided steps for each pair it t
 Trajectory j's concept and noise come from (seed, j), never from the device that samples it; a training
 step draws its batch of (trajectory, step) pairs from (seed, epoch) without replacement within an epoch
 (esd.pair_draws). With `refresh_every` = M, cache g (iterations g M + 1 ... (g + 1) M) holds
-trajectories g T ... (g + 1) T - 1 of the same stream, so no two caches share one.
+trajectories g T ... (g + 1) T - 1 of the same stream, so no two caches share one. With retain prompts
+the cache also holds as many trajectories under them, drawn from esd.retain_key, whose targets are the
+frozen model's predictions under their own prompt.
 """
 
 import dataclasses
@@ -22,35 +24,38 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from esd_jax import parallel
-from esd_jax.esd import TRAJECTORY_STREAM, guided, negatively_guided
+from esd_jax.esd import TRAJECTORY_STREAM, guided, is_retained, prompt_tables, retain_key, targets
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
 
 
 @dataclasses.dataclass
 class Trajectories:
-    """Every step of `x_t.shape[0]` trajectories (a multiple of the device count; pairs are drawn from the
-    first `count`): x_k before step k, and the ESD target there."""
+    """Every step of T trajectories (a multiple of the device count; pairs are drawn from the first
+    `count`), followed with retain prompts by T under them: x_k before step k, and the target there."""
 
-    x_t: jax.Array  # [T, N, C, H, W]
-    target: jax.Array  # [T, N, C, H, W] float32
-    concept: jax.Array  # [T] int32: which of the run's concepts each trajectory samples
-
-
-jax.tree_util.register_dataclass(Trajectories, data_fields=["x_t", "target", "concept"], meta_fields=[])
+    x_t: jax.Array  # [T, N, C, H, W]; with retain prompts [2T, N, C, H, W]
+    target: jax.Array  # float32, as x_t
+    prompt: jax.Array  # [T] or [2T] int32: each trajectory's prompt, an index into esd.prompt_tables
 
 
-def trajectory_draws(rng: jax.Array, count: int, num_concepts: int, first=0) -> tuple[jax.Array, jax.Array]:
-    """(concept [count], noise keys [count]) of trajectories first..first+count-1, from the run's key alone."""
+jax.tree_util.register_dataclass(Trajectories, data_fields=["x_t", "target", "prompt"], meta_fields=[])
+
+
+def trajectory_draws(rng: jax.Array, count: int, num_prompts: int, first=0) -> tuple[jax.Array, jax.Array]:
+    """(prompt [count], noise keys [count]) of trajectories first..first+count-1, from the run's key alone."""
     stream = jax.random.fold_in(rng, TRAJECTORY_STREAM)
     keys = jax.vmap(lambda j: jax.random.fold_in(stream, first + j))(jnp.arange(count))
-    concept = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_concepts))(keys)
-    return concept, jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
+    prompt = jax.vmap(lambda key: jax.random.randint(jax.random.fold_in(key, 1), (), 0, num_prompts))(keys)
+    return prompt, jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
 
 
-def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array, c: jax.Array, f: jax.Array, null):
+def trajectory_pairs(
+    unet, schedule: NoiseSchedule, objective, noise: jax.Array, c: jax.Array, f: jax.Array, null, retained=None
+):
     """(x_k [B, N, C, H, W], target_k [B, N, C, H, W]) along the guided DDIM trajectories from `noise` under
-    the sampling prompts `f`, the targets as esd.esd_target computes them for the concepts `c`."""
+    the sampling prompts `f`, the targets as esd.esd_target computes them for the concepts `c` (and the
+    `retained` rows)."""
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
     prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
     b = noise.shape[0]
@@ -62,11 +67,11 @@ def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array,
         e_null, e_f, *rest = jnp.split(preds, n)
         e_0, e_f32 = e_null.astype(jnp.float32), e_f.astype(jnp.float32)
         e_c = rest[0].astype(jnp.float32) if objective.erase_from else e_f32
-        target = negatively_guided(objective, e_0, e_c, e_f32 if objective.erase_from else e_0)
+        target = targets(objective, e_0, e_c, e_f32 if objective.erase_from else e_0, retained)
         return ddim_step(schedule, guided(objective, e_null, e_f), timesteps[i], prev[i], x), (x, target)
 
-    _, (xs, targets) = jax.lax.scan(body, noise, jnp.arange(objective.ddim_steps))  # [N, B, ...]
-    return xs.swapaxes(0, 1), targets.swapaxes(0, 1)
+    _, (xs, ys) = jax.lax.scan(body, noise, jnp.arange(objective.ddim_steps))  # [N, B, ...]
+    return xs.swapaxes(0, 1), ys.swapaxes(0, 1)
 
 
 def padded_count(count: int, devices: int) -> int:
@@ -83,12 +88,13 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     """
     padded = padded_count(count, mesh.devices.size)
 
-    def local(original, frozen, prompts, concept, noise_keys):
-        c = prompts.concept[concept]
-        f = prompts.erase_from[concept] if objective.erase_from else c
+    def local(original, frozen, prompts, prompt, noise_keys):
+        c_table, f_table = prompt_tables(prompts)
+        retained = None if prompts.retain is None else is_retained(prompts, prompt)
         noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)
         unet = nnx.merge(graphdef, original, frozen)
-        return trajectory_pairs(unet, schedule, objective, noise, c, f, prompts.null)
+        c, f = c_table[prompt], f_table[prompt]
+        return trajectory_pairs(unet, schedule, objective, noise, c, f, prompts.null, retained)
 
     def sharded(original, frozen):
         return jax.shard_map(
@@ -102,8 +108,12 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     # Stated rather than left to the compiler, so that the step can be compiled for the cache before it exists.
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P(AXIS)))
     def sample(original, frozen, prompts, rng, cache=0) -> Trajectories:
-        concept, noise_keys = trajectory_draws(rng, padded, prompts.concept.shape[0], first=cache * count)
-        x_t, target = sharded(original, frozen)(original, frozen, prompts, concept, noise_keys)
-        return Trajectories(x_t=x_t, target=target, concept=concept)
+        n = prompts.concept.shape[0]
+        prompt, noise_keys = trajectory_draws(rng, padded, n, first=cache * count)
+        if prompts.retain is not None:
+            kept, kept_keys = trajectory_draws(retain_key(rng), padded, prompts.retain.shape[0], first=cache * count)
+            prompt, noise_keys = jnp.concatenate([prompt, kept + n]), jnp.concatenate([noise_keys, kept_keys])
+        x_t, target = sharded(original, frozen)(original, frozen, prompts, prompt, noise_keys)
+        return Trajectories(x_t=x_t, target=target, prompt=prompt)
 
     return sample

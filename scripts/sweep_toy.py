@@ -108,15 +108,17 @@ def unet_calls(cfg: EraseConfig, workdir: Path) -> dict[str, int]:
     The recipe's sampling loop runs to the largest k of each device's batch, two predictions (unguided
     and guided) per sample and step, then the target's two (three with erase_from) at step k; the fast
     mode samples its cache once, or once per `refresh_every` iterations, with as many predictions per
-    step and trajectory (its count padded to the device count).
+    step and trajectory (its count padded to the device count). Retain prompts double the rows: every
+    device's erase pairs and as many retain pairs, all in metrics.jsonl's k, and as many trajectories.
     """
     rows = MetricsLog.read_rows(workdir / "metrics.jsonl")
     contexts = 3 if cfg.erase_from else 2
-    b = cfg.batch_per_device
+    per_erase_pair = 2 if cfg.retains else 1
+    b = cfg.batch_per_device * per_erase_pair
     devices = len(rows[0]["k"]) // b
     trained = sum(len(r["k"]) for r in rows)
     if cfg.trajectories:
-        padded = padded_count(cfg.trajectories, devices)
+        padded = padded_count(cfg.trajectories, devices) * per_erase_pair
         caches = caches_in(cfg.iterations, cfg.refresh_every)
         return {"frozen": caches * padded * cfg.ddim_steps * contexts, "trained": trained}
     frozen = 0

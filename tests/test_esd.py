@@ -1,5 +1,7 @@
 """The ESD objective against PyTorch diffusers on the same weights, and the data-parallel step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,7 +264,7 @@ def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
     cache = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=3)(trainable, frozen, prompts, rng)
     assert cache.x_t.shape == (4, obj.ddim_steps, *obj.latent_shape)  # padded to the 4 devices
     concept, noise_keys = trajectory_draws(rng, 4, 2)
-    np.testing.assert_array_equal(cache.concept, concept)
+    np.testing.assert_array_equal(cache.prompt, concept)
     unet = nnx.merge(graphdef, trainable, frozen)
     timesteps = jnp.asarray(schedule.timesteps(obj.ddim_steps))
     for j in range(3):
@@ -291,7 +293,7 @@ def test_fresh_caches_hold_the_next_trajectories_and_each_draws_its_own_pairs(sd
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     second = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=2)(trainable, frozen, prompts, rng, 1)
     both = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=4)(trainable, frozen, prompts, rng)
-    np.testing.assert_array_equal(second.concept, both.concept[2:])
+    np.testing.assert_array_equal(second.prompt, both.prompt[2:])
     # Batches of 2 against 4: equal up to the kernels' rounding.
     assert rel_err(second.x_t, both.x_t[2:]) <= 1e-5 and rel_err(second.target, both.target[2:]) <= 1e-5
 
@@ -335,3 +337,124 @@ def test_cached_steps_draw_distinct_pairs_and_agree_across_device_counts(sd1):
             run.append(float(jax.device_get(metrics["loss"])))
         losses.append(run)
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def retain_setup(pipe, erase_from: bool = False):
+    """The sd1 fixture's UNet split for esd-x, and its prompts without and with two retain prompts."""
+    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, "esd-x"), ...)
+    emb = encode_prompts(pipe, ["red circle", "van gogh", "a photo of green", "", "a blue square", "a cat"])
+    plain = Prompts(concept=emb[:2], erase_from=emb[jnp.array([2, 2])] if erase_from else None, null=emb[3])
+    return graphdef, trainable, frozen, plain, dataclasses.replace(plain, retain=emb[4:])
+
+
+def halves(rows, devices: int):
+    """(erase rows, retain rows) of interleaved rows: the halves of every device's block."""
+    blocks = jnp.asarray(rows).reshape(devices, 2, -1, *rows.shape[1:])
+    return tuple(blocks[:, i].reshape(-1, *rows.shape[1:]) for i in range(2))
+
+
+def erase_rows(rows, devices: int):
+    return halves(rows, devices)[0]
+
+
+def retain_rows(rows, devices: int):
+    return halves(rows, devices)[1]
+
+
+@pytest.mark.parametrize("erase_from", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_retain_pairs_hold_the_frozen_prediction_under_their_prompt_and_leave_the_erase_pairs(sd1, erase_from):
+    """The recipe's step with retain prompts: every device's erase rows are those of the step without them,
+    and its retain rows are x_t sampled under a retain prompt from retain_key's draws, with the frozen
+    model's own prediction there (one UNet call, not the ESD target) as their target."""
+    from esd_jax.esd import retain_key, sample_draws
+
+    _, _, pipe = sd1
+    graphdef, trainable, frozen, plain, kept = retain_setup(pipe, erase_from)
+    obj, sgd = objective(erase_from=erase_from), optax.sgd(1.0)
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config)
+    mesh, devices, per_device = Mesh(np.asarray(jax.devices()[:2]), ("data",)), 2, 2
+    state = TrainState(jnp.int32(3), trainable, sgd.init(trainable), jax.random.key_data(jax.random.key(5)))
+    step = make_train_step(graphdef, schedule, obj, sgd, mesh, per_device)
+    inputs = parallel.place((state, frozen, trainable, plain, kept), mesh)
+    without = step.pairs(*inputs[:4])
+    with_retain = step.pairs(*inputs[:3], inputs[4])
+    assert with_retain.x_t.shape[0] == 2 * devices * per_device
+    assert rel_err(erase_rows(with_retain.x_t, devices), without.x_t) <= 1e-5
+    assert rel_err(erase_rows(with_retain.target, devices), without.target) <= 1e-5
+    k, prompt, noise_keys = sample_draws(retain_key(state.rng), state.step, devices * per_device, obj.ddim_steps, 2)
+    np.testing.assert_array_equal(retain_rows(with_retain.prompt, devices), prompt + 2)
+    unet = nnx.merge(graphdef, trainable, frozen)
+    r = kept.retain[prompt]
+    noise = jax.vmap(lambda key: jax.random.normal(key, obj.latent_shape))(noise_keys)
+    x_t = partial_sample(unet, schedule, obj, noise, k, r, kept.null)
+    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], r)
+    assert rel_err(retain_rows(with_retain.x_t, devices), x_t) <= 1e-5
+    assert rel_err(retain_rows(with_retain.target, devices), target) <= 1e-5
+
+
+def test_the_cache_holds_retain_trajectories_after_the_erase_ones(sd1):
+    """The fast mode with retain prompts: the erase trajectories as without them, then as many under the
+    retain prompts (from retain_key), each step's target the frozen model's prediction under its prompt."""
+    from esd_jax.esd import retain_key
+    from esd_jax.trajectories import make_trajectory_sampler, trajectory_draws
+
+    _, _, pipe = sd1
+    graphdef, trainable, frozen, plain, kept = retain_setup(pipe)
+    obj, schedule = objective(), NoiseSchedule.from_config(pipe.scheduler_config)
+    rng = jax.random.key_data(jax.random.key(7))
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    sampler = make_trajectory_sampler(graphdef, schedule, obj, mesh, count=3)
+    without, cache = sampler(trainable, frozen, plain, rng), sampler(trainable, frozen, kept, rng)
+    assert cache.x_t.shape == (8, obj.ddim_steps, *obj.latent_shape)  # 3 of each, padded to the 4 devices
+    assert rel_err(cache.x_t[:4], without.x_t) <= 1e-5 and rel_err(cache.target[:4], without.target) <= 1e-5
+    prompt, noise_keys = trajectory_draws(retain_key(rng), 4, 2)
+    np.testing.assert_array_equal(cache.prompt[4:], prompt + 2)
+    # Trajectories 0..2 at their first and last step, in one batch.
+    j, k = jnp.repeat(jnp.arange(3), 2), jnp.tile(jnp.asarray([0, obj.ddim_steps - 1]), 3)
+    unet = nnx.merge(graphdef, trainable, frozen)
+    r = kept.retain[prompt[j]]
+    noise = jax.vmap(lambda key: jax.random.normal(key, obj.latent_shape))(noise_keys[j])
+    x_t = partial_sample(unet, schedule, obj, noise, k, r, kept.null)
+    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], r)
+    assert rel_err(cache.x_t[4 + j, k], x_t) <= 1e-5 and rel_err(cache.target[4 + j, k], target) <= 1e-5
+
+
+def test_the_retain_loss_adds_its_weighted_gradient(sd1):
+    """One SGD step with retain prompts (weight 0.5) from trained weights off the frozen model's, 2 devices
+    of 2 rows: the logged losses are the erase rows' and the retain rows' mean squared errors over all
+    devices, recomputed here from the pairs, and the update is minus the gradient of ESD + 0.5 x retain."""
+    _, _, pipe = sd1
+    graphdef, original, frozen, _, kept = retain_setup(pipe)
+    # Off the originals, so that the retain loss is not 0.
+    leaves, tree = jax.tree.flatten(original)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = [x + 0.05 * jax.random.normal(key, x.shape, x.dtype) for x, key in zip(leaves, keys, strict=True)]
+    trainable = jax.tree.unflatten(tree, moved)
+    obj, schedule, sgd = objective(), NoiseSchedule.from_config(pipe.scheduler_config), optax.sgd(1.0)
+    timesteps = jnp.asarray(schedule.timesteps(obj.ddim_steps))
+    mesh, devices = Mesh(np.asarray(jax.devices()[:2]), ("data",)), 2
+    params = jax.tree.map(jnp.copy, trainable)  # the step donates it
+    state = TrainState(jnp.int32(0), params, sgd.init(params), jax.random.key_data(jax.random.key(1)))
+    step = make_train_step(graphdef, schedule, obj, sgd, mesh, 2, retain_weight=0.5)
+    state, frozen_m, original_m, prompts = parallel.place((state, frozen, original, kept), mesh)
+    pairs = step.pairs(state, frozen_m, original_m, prompts)
+    state, metrics = step.update(state, frozen_m, prompts, pairs)
+    pairs, metrics, after = jax.device_get((pairs, metrics, state.trainable))
+    cond = jnp.concatenate([kept.concept, kept.retain])[pairs.prompt]
+    e_args = (pairs.x_t, timesteps[pairs.k], cond)
+
+    @jax.jit
+    def mse(params):
+        squared = jnp.square(nnx.merge(graphdef, params, frozen)(*e_args) - pairs.target)
+        erase, retain = halves(squared, devices)
+        return jnp.mean(erase), jnp.mean(retain)
+
+    loss, retain_loss = mse(trainable)
+    assert float(retain_loss) > 0
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["retain_loss"], retain_loss, rtol=1e-5)
+    grads = jax.grad(lambda p: mse(p)[0] + 0.5 * mse(p)[1])(trainable)
+    for g, a, o in zip(jax.tree.leaves(grads), jax.tree.leaves(after), jax.tree.leaves(trainable), strict=True):
+        update = np.asarray(a) - np.asarray(o)
+        rounding = 2 * np.spacing(np.abs(np.asarray(o)).max())
+        assert np.abs(update + np.asarray(g)).max() <= 1e-4 * np.abs(np.asarray(g)).max() + rounding

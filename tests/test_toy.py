@@ -89,6 +89,7 @@ def tiny_config(unet_steps: int) -> TrainToyConfig:
     return TrainToyConfig(model=TINY, vae_steps=3, vae_batch=2, unet_steps=unet_steps, batch=4, warmup_steps=2)
 
 
+@pytest.mark.slow
 def test_train_toy_exports_and_resumes(tmp_path):
     """Stage 1 and 2 run and export a loadable pipeline; a run stopped at step 4 and continued to 6 ends
     with the weights of an uninterrupted 6-step run."""

@@ -49,6 +49,7 @@ def test_loads_in_pytorch_with_equal_unet_outputs(pipe):
     assert np.abs(expected).mean() > 0.1
 
 
+@pytest.mark.slow
 def test_quality_gate(pipe, record_property):
     """Issue 5's gate, at the model's sampling settings: on 64 images per (colour, shape) prompt the oracle
     reads the prompt's colour at least 90% of the time and its shape at least 80%."""
@@ -67,15 +68,16 @@ def toy_config(**overrides) -> EraseConfig:
 
 
 def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_property):
-    """The README's first command (configs/toy.py, the fast mode), its erased model measured on 8 images
-    per prompt. Issue 5's targets: red on at most 10% of the red prompts' images (from 1.00) and the
-    other colours keeping 90% of their accuracy (0.99 before; docs/toy.md measures 0.11 and 0.92 at
-    this erase seed and evaluation seed 0 on 16 per prompt, 0.16 and 0.94 pooled over three of each).
-    The base model's side is test_quality_gate's; the floors leave room for the smaller sample."""
+    """The README's first command (configs/toy.py: ESD-x-strict with retain prompts, the fast mode), its
+    erased model measured on 8 images per prompt. Issue 13's aim: red on at most 5% of the images of
+    every red prompt (from 1.00) and the other colours keeping 90% of their accuracy (0.98 before;
+    docs/toy.md measures no red image on any red prompt and 0.93 pooled over three erase seeds and three
+    evaluation seeds of 16 per prompt). One red image in a prompt's 8 is allowed for the smaller
+    sample; the base model's side is test_quality_gate's."""
     # The README's global batch (4 samples an iteration on one device) over this suite's 4 devices: the
     # same samples, so the same erasure (results depend on the seed and the global batch only).
     cfg = toy_config(workdir=str(tmp_path / "red"), checkpoint_every=1000)
-    assert cfg.model == "toy" and cfg.concept == "red" and cfg.iterations <= 200 and cfg.batch_per_device == 4
+    assert cfg.model == "toy" and cfg.concept == "red" and cfg.iterations <= 400 and cfg.batch_per_device == 4
     assert 4 % jax.device_count() == 0
     cfg = dataclasses.replace(cfg, batch_per_device=4 // jax.device_count())
     erased = esd_jax.load_pipeline("toy")
@@ -83,9 +85,11 @@ def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_pr
     concept, settings = ev.parse_concept("red"), EvaluateConfig(num_per_prompt=8)
     prompts = ev.prompts_for(concept)
     sampler = Sampler(erased, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
-    groups = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))["groups"]
+    measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))
+    groups = measured["groups"]
     record_property("groups", groups)
-    assert groups["concept"]["concept_rate"] <= 0.1
-    assert groups["others"]["accuracy"]["colour"] >= 0.85
-    # Erasure redraws the red prompts' shapes in another colour rather than dropping them (0.93 before).
-    assert groups["concept"]["accuracy"]["shape"] >= 0.6
+    assert groups["concept"]["concept_rate"] <= 0.05
+    assert all(measured["prompts"][p.text]["concept_rate"] <= 1 / 8 for p in prompts if p.group == "concept")
+    assert groups["others"]["accuracy"]["colour"] >= 0.88
+    # Erasure redraws the red prompts' shapes in another colour more often than it drops them (0.84 before).
+    assert groups["concept"]["accuracy"]["shape"] >= 0.5

@@ -131,6 +131,7 @@ def test_sharded_frozen_weights_and_optimizer_state_give_the_same_weights(sd1_fo
         np.testing.assert_allclose(sharded[key], delta[key], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_fast_mode_with_sharded_bfloat16_weights_trains_as_with_replicated_ones(sd1_folder, tmp_path):
     """FSDP (each layer gathering its weights where it uses them) changes where the weights are, not what
     the step computes; bfloat16 storage of the frozen weights moves the result by their rounding only."""
@@ -156,7 +157,7 @@ def wait_for_steps(workdir: Path, n: int, process: subprocess.Popen, timeout: fl
     raise AssertionError(f"no {n} steps within {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL])
 def test_interrupted_run_resumes_to_the_same_weights(sd1_folder, reference_run, tmp_path, sig):
     _, delta = reference_run
     values = settings(sd1_folder, tmp_path, checkpoint_every=1)
@@ -313,6 +314,8 @@ def test_delta_names_stay_within_file_system_limits():
         ({"model": " "}, "config.model=' ': give a diffusers folder, a hub id, or toy"),
         ({"resolution": 5000}, "config.resolution=5000: give a number of pixels up to 4096"),
         ({"erase_from": "a|b|c"}, "give one prompt, or one per concept (2)"),
+        ({"retain": "a green square|"}, "config.retain='a green square|': a retain prompt is empty"),
+        ({"retain_weight": -0.5}, "config.retain_weight=-0.5: give a finite weight >= 0"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message):
@@ -402,9 +405,12 @@ def test_stray_arguments_and_unknown_commands_are_refused(capsys):
 
 
 def test_the_fast_mode_resumes_to_the_weights_of_one_run(sd1_folder, tmp_path):
-    """A cached run extended from 2 to 4 iterations equals 4 at once: the cache comes back from the seed."""
-    fast = dict(trajectories=3, checkpoint_every=1)
+    """A cached run with retain prompts extended from 2 to 4 iterations equals 4 at once: the cache comes
+    back from the seed. Its metrics hold both losses, and the k of its erase and retain rows."""
+    fast = dict(trajectories=3, checkpoint_every=1, retain="a green circle|a photo")
     once = load_file(erase(config(**settings(sd1_folder, tmp_path / "once", **fast))))
+    rows = MetricsLog.read_rows(tmp_path / "once" / "metrics.jsonl")
+    assert all(len(r["k"]) == 2 * jax.device_count() for r in rows) and all(r["retain_loss"] > 0 for r in rows[1:])
     erase(config(**settings(sd1_folder, tmp_path / "twice", **fast, iterations=2)))
     resumed = load_file(erase(config(**settings(sd1_folder, tmp_path / "twice", **fast))))
     assert all(np.array_equal(resumed[k], once[k]) for k in once)
