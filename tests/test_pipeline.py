@@ -306,6 +306,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_new_pipeline_saves_a_folder_diffusers_loads(tmp_path):
     """A pipeline built from scratch (scripts/make_tiny_pipeline.py) computes what diffusers computes from it."""
     from diffusers import StableDiffusionPipeline

@@ -147,6 +147,7 @@ def test_an_iteration_counts_the_sampling_loop_at_its_expected_length(recipe_pla
     assert bound >= max(compute, memory)
 
 
+@pytest.mark.slow
 def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached_step(configs_only):
     settings = dict(trajectories=6, shard_params=True, frozen_dtype="bfloat16")
     found = plan.plan_erase(erase_config(configs_only, **settings), TOPOLOGY)

@@ -418,6 +418,7 @@ def test_the_fast_mode_resumes_to_the_weights_of_one_run(sd1_folder, tmp_path):
         config(**settings(sd1_folder, tmp_path, trajectories=3, xt_model="trainable"))
 
 
+@pytest.mark.slow
 def test_fresh_caches_resume_to_the_weights_of_one_run(sd1_folder, tmp_path):
     """Resumed inside the second cache (step 3 of refresh_every=2), a run samples that cache again and
     ends where one uninterrupted run does; fresh caches train to other weights than one cache."""
