@@ -147,6 +147,11 @@ class EraseConfig:
         return [r.strip() for r in self.retain.split("|")] if self.retain.strip() else []
 
     @property
+    def rows_per_erase_pair(self) -> int:
+        """The training rows each erase pair brings: itself, and a retain pair where there are retain prompts."""
+        return 2 if self.retains else 1
+
+    @property
     def erase_froms(self) -> list[str]:
         """One erase-from prompt per concept, or [] without erase_from."""
         if not self.erase_from.strip():

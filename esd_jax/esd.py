@@ -38,7 +38,7 @@ class Objective:
 class Prompts:
     """Text embeddings, encoded once: the concepts, their erase-from prompts (or None), "" and the retain
     prompts (or None). A training row names its prompt by an index into the concepts followed by the
-    retain prompts (prompt_tables)."""
+    retain prompts (row_prompts)."""
 
     concept: jax.Array  # [n, L, D]
     erase_from: jax.Array | None  # [n, L, D]
@@ -49,18 +49,15 @@ class Prompts:
 jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null", "retain"], meta_fields=[])
 
 
-def prompt_tables(prompts: Prompts) -> tuple[jax.Array, jax.Array]:
-    """(c, f), indexed by a row's prompt: the concepts and then the retain prompts in c, the prompts the
-    frozen model samples under in f (the erase-from prompts, else the concepts; a retain prompt is its own)."""
+def row_prompts(prompts: Prompts, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(c [B, L, D], f [B, L, D], retained [B] bool or None without retain prompts) of rows whose prompts
+    `index` names among the concepts followed by the retain prompts: c the row's concept, f the prompt the
+    frozen model samples under (its erase-from prompt, else its concept; a retain prompt is its own)."""
     f = prompts.concept if prompts.erase_from is None else prompts.erase_from
     if prompts.retain is None:
-        return prompts.concept, f
-    return jnp.concatenate([prompts.concept, prompts.retain]), jnp.concatenate([f, prompts.retain])
-
-
-def is_retained(prompts: Prompts, index: jax.Array) -> jax.Array:
-    """Which rows, by prompt index, are retain pairs."""
-    return index >= prompts.concept.shape[0]
+        return prompts.concept[index], f[index], None
+    c_table, f_table = (jnp.concatenate([table, prompts.retain]) for table in (prompts.concept, f))
+    return c_table[index], f_table[index], index >= prompts.concept.shape[0]
 
 
 @dataclasses.dataclass
@@ -273,17 +270,21 @@ def esd_target(
     return jax.lax.stop_gradient(targets(objective, e_0, e_c, e_base, retained))
 
 
+def squared_errors(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
+    """(e_theta(x_t, t, cond) - target)^2 for the model with the `trainable` parameters."""
+    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
+    return jnp.square(e_theta.astype(jnp.float32) - target)
+
+
 def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
     """mean((e_theta(x_t, t, cond) - target)^2) for the model with the `trainable` parameters."""
-    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
-    return jnp.mean(jnp.square(e_theta.astype(jnp.float32) - target))
+    return jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target))
 
 
 def retaining_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float):
     """(ESD loss + retain_weight x retain loss, (ESD loss, retain loss)) of one device's rows, its erase
     rows first and then as many retain rows (interleaved)."""
-    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
-    squared = jnp.square(e_theta.astype(jnp.float32) - target)
+    squared = squared_errors(trainable, frozen, graphdef, x_t, t, cond, target)
     erase, retain = (jnp.mean(half) for half in jnp.split(squared, 2))
     return erase + retain_weight * retain, (erase, retain)
 
@@ -294,7 +295,7 @@ class Pairs:
 
     x_t: jax.Array  # [B, C, H, W]
     target: jax.Array  # [B, C, H, W] float32
-    prompt: jax.Array  # [B] int32: an index into prompt_tables
+    prompt: jax.Array  # [B] int32: the rows' prompts (row_prompts)
     k: jax.Array  # [B] int32: the DDIM step of x_t
 
 
@@ -313,11 +314,9 @@ def local_pairs(
     prompt: jax.Array,
     noise_keys: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """(x_t, target) of one device's samples, `prompt` indexing the prompt tables: x_t by partial sampling,
-    the target from the frozen model."""
-    c_table, f_table = prompt_tables(prompts)
-    c, f = c_table[prompt], f_table[prompt]  # [B, L, D]
-    retained = None if prompts.retain is None else is_retained(prompts, prompt)
+    """(x_t, target) of one device's samples, their prompts named by `prompt` (row_prompts): x_t by partial
+    sampling, the target from the frozen model."""
+    c, f, retained = row_prompts(prompts, prompt)
     noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)  # [B, C, H, W]
     if shares_the_loop(objective):
         sampler = nnx.merge(graphdef, original, frozen)
@@ -400,7 +399,7 @@ def make_train_step(
         return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, prompt, noise_keys)
 
     def local_trained(trainable, frozen, prompts, x_t, t, prompt, target):
-        cond = prompt_tables(prompts)[1][prompt]
+        cond = row_prompts(prompts, prompt)[1]
         if prompts.retain is None:
             loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, cond, target)
             losses = {"loss": loss}

@@ -363,8 +363,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         "optimizer state (Adam)": per_device_bytes(state.opt_state),
         "prompt embeddings": per_device_bytes(prompts),
     }
-    # With retain prompts every device's rows are its erase pairs and as many retain pairs.
-    n, b = cfg.ddim_steps, cfg.batch_per_device * (2 if cfg.retains else 1)
+    n, b = cfg.ddim_steps, cfg.batch_per_device * cfg.rows_per_erase_pair
     if not cfg.trajectories:
         (pairs_fn, pairs_args), (update_fn, update_args) = step_fn.programs(state, frozen, original, prompts)
         (pairs, update), seconds = compile_side_by_side(
@@ -393,7 +392,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
             ("erase step: update (forward, backward, Adam)", update_fn, update_args),
         )
         contexts = 3 if cfg.erase_from else 2
-        per_device = padded_count(cfg.trajectories, devices) // devices * (2 if cfg.retains else 1)
+        per_device = padded_count(cfg.trajectories, devices) // devices * cfg.rows_per_erase_pair
         call = unet_call(graphdef, (original, frozen), topo, contexts * per_device, shape, prompts)
         caches = caches_in(cfg.iterations, cfg.refresh_every)
         shares = [Share(pairs), Share(update), Share(sample, caches / cfg.iterations, call, n, n)]

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from esd_jax import parallel
-from esd_jax.esd import TRAJECTORY_STREAM, guided, is_retained, prompt_tables, retain_key, targets
+from esd_jax.esd import TRAJECTORY_STREAM, guided, retain_key, row_prompts, targets
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
 
@@ -36,7 +36,7 @@ class Trajectories:
 
     x_t: jax.Array  # [T, N, C, H, W]; with retain prompts [2T, N, C, H, W]
     target: jax.Array  # float32, as x_t
-    prompt: jax.Array  # [T] or [2T] int32: each trajectory's prompt, an index into esd.prompt_tables
+    prompt: jax.Array  # [T] or [2T] int32: each trajectory's prompt (esd.row_prompts)
 
 
 jax.tree_util.register_dataclass(Trajectories, data_fields=["x_t", "target", "prompt"], meta_fields=[])
@@ -89,11 +89,9 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     padded = padded_count(count, mesh.devices.size)
 
     def local(original, frozen, prompts, prompt, noise_keys):
-        c_table, f_table = prompt_tables(prompts)
-        retained = None if prompts.retain is None else is_retained(prompts, prompt)
+        c, f, retained = row_prompts(prompts, prompt)
         noise = jax.vmap(lambda key: jax.random.normal(key, objective.latent_shape))(noise_keys)
         unet = nnx.merge(graphdef, original, frozen)
-        c, f = c_table[prompt], f_table[prompt]
         return trajectory_pairs(unet, schedule, objective, noise, c, f, prompts.null, retained)
 
     def sharded(original, frozen):

@@ -113,12 +113,11 @@ def unet_calls(cfg: EraseConfig, workdir: Path) -> dict[str, int]:
     """
     rows = MetricsLog.read_rows(workdir / "metrics.jsonl")
     contexts = 3 if cfg.erase_from else 2
-    per_erase_pair = 2 if cfg.retains else 1
-    b = cfg.batch_per_device * per_erase_pair
+    b = cfg.batch_per_device * cfg.rows_per_erase_pair
     devices = len(rows[0]["k"]) // b
     trained = sum(len(r["k"]) for r in rows)
     if cfg.trajectories:
-        padded = padded_count(cfg.trajectories, devices) * per_erase_pair
+        padded = padded_count(cfg.trajectories, devices) * cfg.rows_per_erase_pair
         caches = caches_in(cfg.iterations, cfg.refresh_every)
         return {"frozen": caches * padded * cfg.ddim_steps * contexts, "trained": trained}
     frozen = 0
