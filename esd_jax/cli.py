@@ -147,7 +147,7 @@ def export(argv: list[str]) -> None:
         "format",
         "diffusers",
         EXPORT_FORMATS,
-        "diffusers: a StableDiffusionPipeline folder; "
+        "diffusers: a StableDiffusionPipeline (or XL) folder; "
         "single-file: one .safetensors in the original SD layout (A1111, ComfyUI).",
         flag_values=fv,
     )

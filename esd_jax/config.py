@@ -177,7 +177,7 @@ def option(default, help: str, choices: tuple[str, ...] = ()):
 # guidance 2 to 4 lifts its shape accuracy from 0.68 to 0.83, and 5 adds nothing (docs/toy.md).
 SAMPLING_DEFAULTS = {"steps": 50, "guidance": 7.5}
 EMBEDDED_SAMPLING = {"steps": 25, "guidance": 4.0}
-SCHEDULERS = ("ddim", "dpm++")
+SCHEDULERS = ("ddim", "dpm++", "euler")
 SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -212,7 +212,7 @@ class SampleConfig:
     num_per_prompt: int = option(1, "Images per prompt.")
     seed: int = option(0, "The seed of --prompt (a CSV gives each row's evaluation_seed).")
     resolution: int = option(0, "Image side in pixels; 0: the model's native size.")
-    scheduler: str = option("ddim", "DDIM or DPM-Solver++ (2M).", SCHEDULERS)
+    scheduler: str = option("ddim", "DDIM, DPM-Solver++ (2M) or Euler (SDXL's default).", SCHEDULERS)
     dtype: str = option("float32", "Compute dtype.", SAMPLE_DTYPES)
     batch_size: int = option(8, "Images per compiled call, over all devices (rounded up to a multiple of them).")
     compare: bool = option(False, "Also sample the base model (OUT/base/) and write both side by side (compare.png).")

@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import parallel
+from esd_jax import conditioning, parallel
+from esd_jax.conditioning import concat, repeat, take
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
 
@@ -36,28 +37,28 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-    """Text embeddings, encoded once: the concepts, their erase-from prompts (or None), "" and the retain
-    prompts (or None). A training row names its prompt by an index into the concepts followed by the
-    retain prompts (row_prompts)."""
+    """The prompts' UNet conditioning (esd_jax.conditioning), encoded once: the concepts, their erase-from
+    prompts (or None), "" and the retain prompts (or None). A training row names its prompt by an index
+    into the concepts followed by the retain prompts (row_prompts)."""
 
-    concept: jax.Array  # [n, L, D]
-    erase_from: jax.Array | None  # [n, L, D]
-    null: jax.Array  # [L, D]
-    retain: jax.Array | None = None  # [m, L, D]
+    concept: Any  # [n, ...]
+    erase_from: Any | None  # [n, ...]
+    null: Any  # one prompt's, no row axis
+    retain: Any | None = None  # [m, ...]
 
 
 jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null", "retain"], meta_fields=[])
 
 
-def row_prompts(prompts: Prompts, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(c [B, L, D], f [B, L, D], retained [B] bool or None without retain prompts) of rows whose prompts
+def row_prompts(prompts: Prompts, index: jax.Array) -> tuple[Any, Any, jax.Array | None]:
+    """(c [B, ...], f [B, ...], retained [B] bool or None without retain prompts) of rows whose prompts
     `index` names among the concepts followed by the retain prompts: c the row's concept, f the prompt the
     frozen model samples under (its erase-from prompt, else its concept; a retain prompt is its own)."""
     f = prompts.concept if prompts.erase_from is None else prompts.erase_from
     if prompts.retain is None:
-        return prompts.concept[index], f[index], None
-    c_table, f_table = (jnp.concatenate([table, prompts.retain]) for table in (prompts.concept, f))
-    return c_table[index], f_table[index], index >= prompts.concept.shape[0]
+        return take(prompts.concept, index), take(f, index), None
+    c_table, f_table = (concat([table, prompts.retain]) for table in (prompts.concept, f))
+    return take(c_table, index), take(f_table, index), index >= conditioning.count(prompts.concept)
 
 
 @dataclasses.dataclass
@@ -201,8 +202,8 @@ def partial_sample(
     objective: Objective,
     noise: jax.Array,
     k: jax.Array,
-    cond: jax.Array,
-    null: jax.Array,
+    cond,
+    null,
     *,
     predictions: bool = False,
 ):
@@ -216,12 +217,12 @@ def partial_sample(
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
     prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
     b = noise.shape[0]
-    context = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond])  # [2B, L, D]: uncond, cond
+    context = concat([repeat(null, cond), cond])  # [2B, ...]: uncond, cond
 
     def body(carry):
         i, x, at_x_t = carry
         t = jnp.full((2 * b,), timesteps[i])
-        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), t, context), 2)
+        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), t, **context), 2)
         x_next = ddim_step(schedule, guided(objective, e_null, e_cond), timesteps[i], prev[i], x)
         here = (i == k)[:, None, None, None]
         e_null, e_cond = (e.astype(jnp.float32) for e in (e_null, e_cond))
@@ -256,27 +257,27 @@ def esd_target(
     objective: Objective,
     x_t: jax.Array,
     t: jax.Array,
-    c: jax.Array,
-    f: jax.Array,
-    null: jax.Array,
+    c,
+    f,
+    null,
     retained: jax.Array | None = None,
 ) -> jax.Array:
     """e_base - eta (e_c - e_0) from the frozen model (targets), its predictions batched into one UNet call."""
-    contexts = [jnp.broadcast_to(null, c.shape), c] + ([f] if objective.erase_from else [])
+    contexts = [repeat(null, c), c] + ([f] if objective.erase_from else [])
     n = len(contexts)
-    preds = frozen_unet(jnp.concatenate([x_t] * n), jnp.concatenate([t] * n), jnp.concatenate(contexts))
+    preds = frozen_unet(jnp.concatenate([x_t] * n), jnp.concatenate([t] * n), **concat(contexts))
     e_0, e_c, *rest = jnp.split(preds.astype(jnp.float32), n)
     e_base = rest[0] if objective.erase_from else e_0
     return jax.lax.stop_gradient(targets(objective, e_0, e_c, e_base, retained))
 
 
-def squared_errors(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
+def squared_errors(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """(e_theta(x_t, t, cond) - target)^2 for the model with the `trainable` parameters."""
-    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, cond)
+    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, **cond)
     return jnp.square(e_theta.astype(jnp.float32) - target)
 
 
-def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond: jax.Array, target: jax.Array):
+def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """mean((e_theta(x_t, t, cond) - target)^2) for the model with the `trainable` parameters."""
     return jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target))
 
@@ -430,10 +431,10 @@ def make_train_step(
                 )
                 j, k = with_retained((j, k), (rj + cache.x_t.shape[0] // 2, rk))
             return Pairs(x_t=cache.x_t[j, k], target=cache.target[j, k], prompt=cache.prompt[j], k=k)
-        n, draws = prompts.concept.shape[0], (state.step, global_batch, objective.ddim_steps)
+        n, draws = conditioning.count(prompts.concept), (state.step, global_batch, objective.ddim_steps)
         k, prompt, noise_keys = sample_draws(state.rng, *draws, n)
         if prompts.retain is not None:
-            rk, rp, rkeys = sample_draws(retain_key(state.rng), *draws, prompts.retain.shape[0])
+            rk, rp, rkeys = sample_draws(retain_key(state.rng), *draws, conditioning.count(prompts.retain))
             k, prompt, noise_keys = with_retained((k, prompt, noise_keys), (rk, rp + n, rkeys))
         weights = parallel.local_specs(frozen), parallel.local_specs(original)
         sampled = jax.shard_map(

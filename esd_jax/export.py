@@ -16,8 +16,8 @@ STAMP = "esd_jax_export.json"  # in an exported folder: what made it, and leave 
 def export_run(workdir: Path, out: Path, *, step: int | None = None, fmt: str = "diffusers") -> Path:
     """Writes the run's pipeline, its UNet carrying the checkpoint's trained weights, for PyTorch.
 
-    `fmt` "diffusers" writes a folder `StableDiffusionPipeline.from_pretrained` loads; "single-file"
-    one .safetensors in the original Stable Diffusion layout (A1111, ComfyUI). An existing `out` is
+    `fmt` "diffusers" writes a folder `StableDiffusion(XL)Pipeline.from_pretrained` loads; "single-file"
+    one .safetensors in the original Stable Diffusion (SGM for SDXL) layout (A1111, ComfyUI). An existing `out` is
     replaced only if an earlier export wrote it: never the run, the base model or anything else.
     """
     from esd_jax import single_file

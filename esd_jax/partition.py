@@ -3,7 +3,8 @@
 Only the weights and biases of Linear and Conv layers are eligible (norm layers never train); the
 method picks among them by the layer's path, which is its diffusers key. The official diffusers code
 (esd_sd.py) names the first four; the paper's CompVis code names the rest, translated here from
-CompVis paths (`out.` -> conv_norm_out/conv_out, `time_embed` -> time_embedding).
+CompVis paths (`out.` -> conv_norm_out/conv_out, `time_embed` -> time_embedding; SDXL's `label_emb`,
+its other embedding of the conditioning, -> add_embedding).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from esd_jax.errors import UserError
 if TYPE_CHECKING:
     from flax import nnx
 
-COMPVIS_OUTPUT = ("conv_norm_out", "conv_out", "time_embedding")
+COMPVIS_OUTPUT = ("conv_norm_out", "conv_out", "time_embedding", "add_embedding")
 
 METHODS: dict[str, tuple[Callable[[str], bool], str]] = {
     "esd-x": (lambda layer: "attn2" in layer, "cross-attention layers (attn2)"),

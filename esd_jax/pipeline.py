@@ -1,8 +1,9 @@
-"""Loading and saving a Stable Diffusion pipeline in the diffusers folder format.
+"""Loading and saving a Stable Diffusion pipeline (SD 1.x, 2.x, SDXL) in the diffusers folder format.
 
 `load_pipeline` reads a local diffusers folder or a Hugging Face hub id (safetensors only, never
 pickles) into Flax NNX modules; `StableDiffusion.save_pretrained` writes a folder that current
-diffusers' `StableDiffusionPipeline.from_pretrained` loads with no missing or unexpected keys.
+diffusers' `StableDiffusionPipeline` (`StableDiffusionXLPipeline`) `.from_pretrained` loads with no
+missing or unexpected keys. SDXL's pipeline has a second tokenizer and text encoder.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
-from esd_jax import weights
+from esd_jax import conditioning, weights
 from esd_jax.config import EMBEDDED_NAME
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_dir
@@ -34,14 +35,20 @@ WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",  # SDXL only
 }
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*",
     "tokenizer/*",
+    "tokenizer_2/*",
     *(f"{c}/{p}" for c in WEIGHT_FILES for p in ("config.json", WEIGHT_FILES[c])),
 ]
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# Each pipeline class esd-jax reads, with the networks it holds.
+NETWORKS = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2"),
+}
 # The embedded model's folder: what the model name EMBEDDED_NAME means everywhere.
 EMBEDDED = Path(__file__).parent / "toy" / "pipeline"
 # Hub ids whose configs esd-jax carries (known_models/), so that `esd-jax plan` needs neither the hub nor
@@ -53,6 +60,7 @@ KNOWN_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "stable-diffusion-v1",
     "stabilityai/stable-diffusion-2-1": "stable-diffusion-2-1",
     "stabilityai/stable-diffusion-2-1-base": "stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-xl-base-1.0": "stable-diffusion-xl-base-1.0",
 }
 # Keys read straight from a config.json (the native image size, the latent shape) rather than through the
 # config classes' defaults, so a file must have them.
@@ -73,7 +81,8 @@ class StableDiffusion:
 
     `configs` holds each network's config.json as read (or as built), so a saved pipeline carries
     exactly the configuration it was loaded with; `source` is the folder it came from, whose
-    components esd-jax does not own (safety checker, feature extractor) are copied on save.
+    components esd-jax does not own (safety checker, feature extractor) are copied on save. SDXL's
+    pipeline also has `text_encoder_2` (a CLIPTextModelWithProjection) and `tokenizer_2`.
     """
 
     unet: unet.UNet2DConditionModel
@@ -84,6 +93,27 @@ class StableDiffusion:
     configs: dict[str, dict[str, Any]]
     model_index: dict[str, Any]
     source: Path | None = None
+    text_encoder_2: clip.CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def is_xl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The names of the networks this pipeline holds, as its folder's subfolders."""
+        return NETWORKS["StableDiffusionXLPipeline" if self.is_xl else "StableDiffusionPipeline"]
+
+    @property
+    def text_encoders(self) -> tuple[nnx.Module, ...]:
+        return (self.text_encoder, self.text_encoder_2) if self.is_xl else (self.text_encoder,)
+
+    @property
+    def zero_null(self) -> bool:
+        """Whether the unconditional ("") prompt is all zeros rather than encoded: SDXL's
+        force_zeros_for_empty_prompt, which diffusers' SDXL pipeline applies when no negative prompt is given."""
+        return self.is_xl and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
 
     @property
     def native_resolution(self) -> int:
@@ -105,12 +135,32 @@ class StableDiffusion:
             )
         return self.configs["unet"]["in_channels"], size // self.vae_factor, size // self.vae_factor
 
-    def token_ids(self, prompts: list[str]) -> np.ndarray:
-        """[n, L] int32 token ids, padded to the tokenizer's length as diffusers' pipelines pad them."""
-        tokenizer = self.tokenizer
+    def token_ids(self, prompts: list[str], tokenizer: CLIPTokenizer | None = None) -> np.ndarray:
+        """[n, L] int32 token ids (of `tokenizer`, default the first), padded to the tokenizer's length as
+        diffusers' pipelines pad them."""
+        tokenizer = tokenizer or self.tokenizer
         return tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
         ).input_ids.astype(np.int32)
+
+    def prompt_ids(self, prompts: list[str]) -> tuple[np.ndarray, ...]:
+        """The token ids of `prompts` for each text encoder: SDXL's two tokenizers pad differently."""
+        tokenizers = (self.tokenizer, self.tokenizer_2) if self.is_xl else (self.tokenizer,)
+        return tuple(self.token_ids(prompts, t) for t in tokenizers)
+
+    def time_ids(self, resolution: int = 0) -> np.ndarray | None:
+        """SDXL's time ids for square images of `resolution` pixels (0: native); None for SD 1.x/2.x."""
+        return conditioning.time_ids(resolution or self.native_resolution) if self.is_xl else None
+
+    def encode(self, prompts: list[str], resolution: int = 0) -> conditioning.Conditioning:
+        """The UNet conditioning of `prompts` [n, ...] (esd_jax.conditioning), as diffusers' pipeline encodes
+        a prompt; for the unconditional prompt of classifier-free guidance use `null`."""
+        ids = tuple(jnp.asarray(i) for i in self.prompt_ids(prompts))
+        return encoded(self.text_encoders, ids, self.time_ids(resolution))
+
+    def null(self, cond: conditioning.Conditioning) -> conditioning.Conditioning:
+        """The unconditional prompt's conditioning, given `cond`, the encoded "": itself, or zeroed (zero_null)."""
+        return conditioning.zeroed(cond) if self.zero_null else cond
 
     def save_pretrained(self, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         """Writes a diffusers folder; a crash midway leaves any earlier folder at `out_dir` intact.
@@ -120,16 +170,18 @@ class StableDiffusion:
         with atomic_dir(Path(out_dir)) as tmp:
             for name, obj in (extra or {}).items():
                 write_json(tmp / name, obj)
-            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+            for name in self.networks:
                 (tmp / name).mkdir()
                 write_json(tmp / name / "config.json", self.configs[name])
-                weights.write_safetensors(weights.state_dict(module), tmp / name / WEIGHT_FILES[name])
+                weights.write_safetensors(weights.state_dict(getattr(self, name)), tmp / name / WEIGHT_FILES[name])
             self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if self.is_xl:
+                self.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
             (tmp / "scheduler").mkdir()
             write_json(tmp / "scheduler" / "scheduler_config.json", self.scheduler_config)
             index = dict(self.model_index)
             for name, value in self.model_index.items():
-                if name in (*WEIGHT_FILES, "tokenizer", "scheduler") or not isinstance(value, list):
+                if name in (*WEIGHT_FILES, "tokenizer", "tokenizer_2", "scheduler") or not isinstance(value, list):
                     continue
                 if self.source is not None and (self.source / name).is_dir():
                     shutil.copytree(self.source / name, tmp / name)
@@ -138,6 +190,9 @@ class StableDiffusion:
                     if name == "safety_checker":
                         index["requires_safety_checker"] = False
             write_json(tmp / "model_index.json", index)
+
+
+encoded = nnx.jit(conditioning.encode)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -281,6 +336,7 @@ SPECS = {
     "unet": (unet.UNetConfig, unet.UNet2DConditionModel, lambda t: t),
     "vae": (vae.VAEConfig, vae.AutoencoderKL, vae.normalize_keys),
     "text_encoder": (clip.CLIPTextConfig, clip.CLIPTextModel, clip.normalize_keys),
+    "text_encoder_2": (clip.CLIPTextConfig, clip.CLIPTextModelWithProjection, clip.normalize_keys),
 }
 
 
@@ -308,10 +364,10 @@ def networks_at(root: Path, dtype: str, param_dtype: str = "float32") -> StableD
     compute, params = resolve_dtype(dtype), resolve_dtype(param_dtype)
     model_index = read_json(root / "model_index.json")
     kind = model_index.get("_class_name")
-    if kind not in SUPPORTED_PIPELINES:
+    if kind not in NETWORKS:
         raise UserError(
             f"{root / 'model_index.json'}: pipeline {kind!r} is not supported yet; supported: "
-            f"{', '.join(SUPPORTED_PIPELINES)} (SD 1.x and 2.x)"
+            f"{', '.join(NETWORKS)} (SD 1.x and 2.x, SDXL)"
         )
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path)
@@ -319,15 +375,31 @@ def networks_at(root: Path, dtype: str, param_dtype: str = "float32") -> StableD
         NoiseSchedule.from_config(scheduler_config)
     except UserError as e:
         raise UserError(f"{scheduler_path}: {e}") from None
-    configs = {name: read_json(root / name / "config.json") for name in WEIGHT_FILES}
+    for name in NETWORKS[kind]:
+        if not (root / name).is_dir():
+            folders = ", ".join(f"{n}/" for n in NETWORKS[kind])
+            raise UserError(f"{root / name} is missing; a {kind} folder has {folders}, tokenizer/ and scheduler/")
+    configs = {name: read_json(root / name / "config.json") for name in NETWORKS[kind]}
+    if (configs["unet"].get("addition_embed_type") == "text_time") != (kind == "StableDiffusionXLPipeline"):
+        raise UserError(
+            f"{root}: model_index.json names a {kind} but unet/config.json has addition_embed_type="
+            f"{json.dumps(configs['unet'].get('addition_embed_type'))}; SDXL's UNet ('text_time') belongs to a "
+            "StableDiffusionXLPipeline, any other to a StableDiffusionPipeline"
+        )
+    # SDXL's VAE overflows in float16, so its pipeline decodes in float32 where the config says force_upcast.
+    upcast = kind == "StableDiffusionXLPipeline" and configs["vae"].get("force_upcast", True)
     modules = {
-        name: build_abstract(name, configs[name], root / name / "config.json", dtype=compute, param_dtype=params)
-        for name in WEIGHT_FILES
+        name: build_abstract(
+            name,
+            configs[name],
+            root / name / "config.json",
+            dtype=jnp.float32 if name == "vae" and upcast and compute == jnp.float16 else compute,
+            param_dtype=params,
+        )
+        for name in NETWORKS[kind]
     }
     return StableDiffusion(
-        unet=modules["unet"],
-        text_encoder=modules["text_encoder"],
-        vae=modules["vae"],
+        **modules,
         tokenizer=None,
         scheduler_config=scheduler_config,
         configs=configs,
@@ -353,7 +425,9 @@ def load_pipeline(model: str | os.PathLike, dtype: str = "float32", param_dtype:
     root = locate(model)
     pipe = networks_at(root, dtype, param_dtype)
     pipe.tokenizer = load_tokenizer(root / "tokenizer")
-    for name in WEIGHT_FILES:
+    if pipe.is_xl:
+        pipe.tokenizer_2 = load_tokenizer(root / "tokenizer_2")
+    for name in pipe.networks:
         path = weight_file(root / name, name)
         weights.load_state_dict(getattr(pipe, name), SPECS[name][2](weights.read_safetensors(path)), source=str(path))
     return pipe

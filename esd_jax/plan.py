@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import flops, parallel
+from esd_jax import conditioning, flops, parallel
 from esd_jax.config import EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import (
@@ -178,19 +178,30 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int, retains: int = 0) -> Prompts:
-    """The run's prompt embeddings as shapes: the text encoder's output at the tokenizer's length."""
-    length = pipe.configs["text_encoder"]["max_position_embeddings"]
-    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    graphdef, weights = nnx.split(pipe.text_encoder)
-    one = jax.eval_shape(lambda weights, ids: nnx.merge(graphdef, weights)(ids), weights, ids)
-    shape, dtype = one.shape[1:], one.dtype
-    return Prompts(
-        concept=jax.ShapeDtypeStruct((concepts, *shape), dtype),
-        erase_from=jax.ShapeDtypeStruct((erase_froms, *shape), dtype) if erase_froms else None,
-        null=jax.ShapeDtypeStruct(shape, dtype),
-        retain=jax.ShapeDtypeStruct((retains, *shape), dtype) if retains else None,
+def token_shapes(pipe: StableDiffusion, rows: int, sharding=None) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Token ids of `rows` prompts for each text encoder, at the tokenizer's length, as shapes."""
+    return tuple(
+        jax.ShapeDtypeStruct((rows, pipe.configs[name]["max_position_embeddings"]), jnp.int32, sharding=sharding)
+        for name in pipe.networks
+        if name.startswith("text_encoder")
     )
+
+
+def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int, retains: int = 0) -> Prompts:
+    """The run's prompt conditioning as shapes: the text encoders' output at the tokenizers' length."""
+    graphdefs, weights = zip(*(nnx.split(m) for m in pipe.text_encoders), strict=True)
+    times = None if pipe.time_ids() is None else jax.ShapeDtypeStruct((6,), jnp.float32)
+
+    def encoded(weights, ids, times):
+        encoders = tuple(nnx.merge(g, w) for g, w in zip(graphdefs, weights, strict=True))
+        return conditioning.first(conditioning.encode(encoders, ids, times))
+
+    one = jax.eval_shape(encoded, weights, token_shapes(pipe, 1), times)
+
+    def rows(n: int):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), one) if n else None
+
+    return Prompts(concept=rows(concepts), erase_from=rows(erase_froms), null=one, retain=rows(retains))
 
 
 def unet_call(graphdef, weights, topo: Topology, batch: int, latent_shape, prompts: Prompts) -> Compiled:
@@ -200,10 +211,10 @@ def unet_call(graphdef, weights, topo: Topology, batch: int, latent_shape, promp
     rows = NamedSharding(mesh, P(AXIS))
     x = jax.ShapeDtypeStruct((n, *latent_shape), jnp.float32, sharding=rows)
     t = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows)
-    context = jax.ShapeDtypeStruct((n, *prompts.null.shape), prompts.null.dtype, sharding=rows)
+    context = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype, sharding=rows), prompts.null)
 
     def local(weights, x, t, context):
-        return nnx.merge(graphdef, *weights)(x, t, context)
+        return nnx.merge(graphdef, *weights)(x, t, **context)
 
     # As the step calls it: each device its own rows (a Pallas kernel runs only inside a shard_map).
     specs = tuple(parallel.local_specs(w) for w in weights)
@@ -437,21 +448,22 @@ def plan_sample(
         scheduler=scheduler,
         scheduler_config=json.dumps(pipe.scheduler_config, sort_keys=True),
         latent_shape=shape,
+        zero_null=pipe.zero_null,
     )
-    modules = (pipe.unet, pipe.text_encoder, pipe.vae)
+    modules = (pipe.unet, pipe.vae, *pipe.text_encoders)
     graphdefs = tuple(nnx.graphdef(m) for m in modules)
     states = replicated(tuple(nnx.state(m) for m in modules), mesh)
-    length = pipe.configs["text_encoder"]["max_position_embeddings"]
     rows = NamedSharding(mesh, P(AXIS))
-    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
-    null_ids = replicated(jax.ShapeDtypeStruct((length,), jnp.int32), mesh)
+    ids = token_shapes(pipe, batch, rows)
+    null_ids = replicated(tuple(jax.ShapeDtypeStruct(i.shape[1:], i.dtype) for i in ids), mesh)
+    times = None if pipe.time_ids() is None else replicated(jax.ShapeDtypeStruct((6,), jnp.float32), mesh)
     latents = jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=rows)
     statics = dict(graphdefs=graphdefs, settings=settings, mesh=mesh)
-    program = compile_program("sampler", generate_batch, states, ids, null_ids, latents, **statics)
+    program = compile_program("sampler", generate_batch, states, ids, null_ids, times, latents, **statics)
     memory = {
         "UNet weights": per_device_bytes(states[0]),
-        "text encoder weights": per_device_bytes(states[1]),
-        "VAE weights": per_device_bytes(states[2]),
+        "text encoder weights": per_device_bytes(states[2:]),
+        "VAE weights": per_device_bytes(states[1]),
     }
     local = batch // devices
     per_call = 2 * local if guidance > 1 else local

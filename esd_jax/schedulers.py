@@ -1,9 +1,10 @@
-"""The DDPM noise schedule, the DDIM step and DPM-Solver++ (2M) as pure functions (traceable under jit).
+"""The DDPM noise schedule, the DDIM step, DPM-Solver++ (2M) and the Euler step as pure functions
+(traceable under jit).
 
-Equal to diffusers' DDIMScheduler and DPMSolverMultistepScheduler built from a pipeline's
-scheduler_config (`DDIMScheduler.from_config`, `DPMSolverMultistepScheduler.from_config`): the same
-config gives the same timesteps and the same updates. Each reads the keys its diffusers class knows
-and takes that class's defaults for the rest, as `from_config` does.
+Equal to diffusers' DDIMScheduler, DPMSolverMultistepScheduler and EulerDiscreteScheduler built from a
+pipeline's scheduler_config (`DDIMScheduler.from_config`, ...): the same config gives the same timesteps
+and the same updates. Each reads the keys its diffusers class knows and takes that class's defaults for
+the rest, as `from_config` does.
 """
 
 import dataclasses
@@ -54,12 +55,11 @@ def is_number(value: Any) -> bool:
 
 
 def check_shared(c: dict[str, Any]) -> None:
-    """The keys both samplers read besides the betas; diffusers takes any value of most of them and then
+    """The keys every sampler reads besides the betas; diffusers takes any value of most of them and then
     indexes out of range (steps_offset, num_train_timesteps) or fails at its first step."""
     n = c["num_train_timesteps"]
     check(c, "num_train_timesteps", is_int(n) and n >= 1, "an int >= 1 (SD: 1000)")
-    for key in ("thresholding", "rescale_betas_zero_snr"):
-        check_supported(c, key, (False,))
+    check_supported(c, "rescale_betas_zero_snr", (False,))
     check_supported(c, "prediction_type", ("epsilon", "v_prediction"))
     check_supported(c, "timestep_spacing", ("leading", "trailing", "linspace"))
     check(c, "steps_offset", is_int(c["steps_offset"]) and 0 <= c["steps_offset"] < n, f"an int in 0..{n - 1}")
@@ -115,6 +115,7 @@ class NoiseSchedule:
         c = {**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}}
         alphas_cumprod = train_alphas_cumprod(c)
         n = c["num_train_timesteps"]
+        check_supported(c, "thresholding", (False,))
         for key in ("clip_sample", "set_alpha_to_one"):
             check_supported(c, key, (True, False))
         check(c, "clip_sample_range", is_number(c["clip_sample_range"]) and c["clip_sample_range"] > 0, "a number > 0")
@@ -228,6 +229,7 @@ class DPMSolverSchedule:
         c["algorithm_type"] = "dpmsolver++" if c["algorithm_type"] == "deis" else c["algorithm_type"]
         c["solver_type"] = "midpoint" if c["solver_type"] in ("logrho", "bh1", "bh2") else c["solver_type"]
         alphas_cumprod = train_alphas_cumprod(c)
+        check_supported(c, "thresholding", (False,))
         check_supported(c, "algorithm_type", ("dpmsolver++",))
         check_supported(c, "solver_order", (1, 2))
         check_supported(c, "solver_type", ("midpoint", "heun"))
@@ -323,3 +325,107 @@ def dpm_solver_step(
         x0 = alpha_s * x - sigma_s * out
     x_next = ratio * x + w0 * x0 + w1 * (x0 - x0_prev)
     return x_next.astype(sample.dtype), x0
+
+
+# EulerDiscreteScheduler's defaults, as `EulerDiscreteScheduler.from_config(pipe.scheduler.config)` builds
+# it from a config of another class. sigma_min and sigma_max are absent: diffusers reads them only to
+# bound the Karras, exponential and beta sigmas, which are refused here.
+EULER_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    trained_betas=None,
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    timestep_spacing="linspace",
+    timestep_type="discrete",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+    final_sigmas_type="zero",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerSchedule:
+    """Euler's method on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2 with
+    S_churn = 0), deterministic: SDXL's sampler. The sample lives at x_0 + sigma * noise, not at the
+    unit-variance x_t of DDIM; `scale_model_input` maps it back for the UNet."""
+
+    train_sigmas: np.ndarray  # [num_train_timesteps] float32, sqrt((1 - alpha-bar) / alpha-bar)
+    num_train_timesteps: int
+    prediction_type: str
+    timestep_spacing: str
+    steps_offset: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "EulerSchedule":
+        c = {**EULER_DEFAULTS, **{k: v for k, v in config.items() if k in EULER_DEFAULTS}}
+        ac = train_alphas_cumprod(c)
+        check_supported(c, "interpolation_type", ("linear",))
+        check_supported(c, "timestep_type", ("discrete",))
+        check_supported(c, "final_sigmas_type", ("zero",))
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            check_supported(c, key, (False,))
+        return cls(
+            train_sigmas=(((1 - ac) / ac) ** 0.5).astype(np.float32),
+            num_train_timesteps=int(c["num_train_timesteps"]),
+            prediction_type=c["prediction_type"],
+            timestep_spacing=c["timestep_spacing"],
+            steps_offset=int(c["steps_offset"]),
+        )
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """The UNet's timestep input at each step [steps] float32, highest first
+        (EulerDiscreteScheduler.set_timesteps); "linspace" gives fractional ones."""
+        n = self.num_train_timesteps
+        if not 0 < steps <= n:
+            raise UserError(f"the number of sampling steps must be in 1..{n}, got {steps}")
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+        if self.timestep_spacing == "leading":
+            # steps_offset may push the first to n; diffusers then takes the last training sigma (np.interp
+            # clamps), so no refusal as in DDIM, where it indexes out of range.
+            return (np.arange(steps) * (n // steps)).round()[::-1].astype(np.float32) + self.steps_offset
+        return np.arange(n, 0, -n / steps).round().astype(np.float32) - 1  # trailing
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """The noise level at each step and after the last [steps + 1] float32, falling to 0: the training
+        sigmas interpolated linearly at the timesteps."""
+        t = self.timesteps(steps)
+        sigmas = np.interp(t, np.arange(self.num_train_timesteps), self.train_sigmas)
+        return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+    def init_noise_sigma(self, steps: int) -> float:
+        """The scale of the starting latents' unit noise, as diffusers takes it: sqrt(sigma_max^2 + 1), the
+        standard deviation of x_0 + sigma_max * noise, for "leading" spacing, and sigma_max for the others."""
+        sigma_max = self.sigmas(steps).max()
+        if self.timestep_spacing in ("linspace", "trailing"):
+            return float(sigma_max)
+        return float(np.sqrt(sigma_max**2 + np.float32(1)))
+
+
+def scale_model_input(sigmas: jax.Array, i: jax.Array, sample: jax.Array) -> jax.Array:
+    """The UNet's input at step i of `sigmas` (`EulerSchedule.sigmas(steps)`): the sample divided by its
+    standard deviation sqrt(sigma^2 + 1), which is the x_t of the training noise schedule."""
+    return sample / jnp.sqrt(sigmas[i] ** 2 + 1)
+
+
+def euler_step(
+    schedule: EulerSchedule, sigmas: jax.Array, model_output: jax.Array, i: jax.Array, sample: jax.Array
+) -> jax.Array:
+    """One Euler step from sigmas[i] to sigmas[i + 1] (EulerDiscreteScheduler.step with its defaults);
+    `model_output` is the UNet's at `scale_model_input(sigmas, i, sample)`, `sample` is unscaled."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    x = sample.astype(jnp.float32)
+    out = model_output.astype(jnp.float32)
+    if schedule.prediction_type == "epsilon":
+        x0 = x - sigma * out
+    else:  # v_prediction, in the sample's scale: x0 = c_skip * x + c_out * v
+        x0 = out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    # Through x0 and the derivative as diffusers does, so the rounding matches too.
+    derivative = (x - x0) / sigma
+    return (x + derivative * (sigma_next - sigma)).astype(sample.dtype)

@@ -1,14 +1,19 @@
-"""The original Stable Diffusion single-file checkpoint: CompVis/LDM key names, as AUTOMATIC1111 and ComfyUI load.
+"""The original Stable Diffusion single-file checkpoint: CompVis/LDM and Stability's SGM key names, as
+AUTOMATIC1111 and ComfyUI load.
 
-One safetensors file holds all three networks: the UNet under `model.diffusion_model.`, the VAE under
-`first_stage_model.` and the text encoder under `cond_stage_model.`. Conversion renames keys, joins
-OpenCLIP's q/k/v and gives the VAE's attention linears the 1x1-conv shape LDM has; values are copied bit
-for bit. The block numbering comes from the configs, so any SD 1.x or 2.x shape maps, tiny test ones too.
+One safetensors file holds every network: the UNet under `model.diffusion_model.`, the VAE under
+`first_stage_model.`, SD 1.x/2.x's text encoder under `cond_stage_model.`, SDXL's two under
+`conditioner.embedders.0.` (CLIP ViT-L) and `conditioner.embedders.1.` (OpenCLIP ViT-bigG). Conversion
+renames keys, joins OpenCLIP's q/k/v and gives the VAE's attention linears the 1x1-conv shape LDM has;
+values are copied bit for bit. The block numbering comes from the configs, so any SD 1.x, 2.x or SDXL
+shape maps, tiny test ones too.
 """
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +28,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# The networks a pipeline's configs name, in the order the file lists them; text_encoder_2 only for SDXL.
+NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # LDM's ResBlock keeps its layers in nn.Sequentials; the missing indices are the SiLUs and the dropout.
 UNET_RESNET = {
@@ -67,6 +76,9 @@ def unet_table(config: UNetConfig) -> dict[str, str]:
     table = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        # SDXL's embedding of the pooled text and the size/crop ids; SGM keeps it where LDM has class labels.
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -134,13 +146,15 @@ def vae_layout(tensors: dict[str, np.ndarray], config: VAEConfig) -> dict[str, n
 
 
 def open_clip_layout(tensors: dict[str, np.ndarray], config: CLIPTextConfig) -> dict[str, np.ndarray]:
-    """transformers' CLIPTextModel keys -> OpenCLIP's, the layout of SD 2.x's FrozenOpenCLIPEmbedder.
+    """transformers' CLIPTextModel or CLIPTextModelWithProjection keys -> OpenCLIP's, the layout of SD 2.x's
+    FrozenOpenCLIPEmbedder and SDXL's FrozenOpenCLIPEmbedder2.
 
     OpenCLIP ViT-H/14 has 24 blocks, diffusers' SD 2.x text encoder 23: SD 2 conditions on the
     penultimate block's output (then ln_final), so diffusers' converter drops resblocks.23 and the unused
     text_projection (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE). We write the blocks we have: LDM's embedder with
     layer="penultimate" never runs the last block, and LDM, AUTOMATIC1111 and ComfyUI load checkpoints
-    non-strictly, so they leave that block as built, unused.
+    non-strictly, so they leave that block as built, unused. SDXL's second encoder keeps every block and
+    its projection, which gives the pooled embedding.
     """
     rest = dict(tensors)
     out = {
@@ -149,6 +163,9 @@ def open_clip_layout(tensors: dict[str, np.ndarray], config: CLIPTextConfig) -> 
         "ln_final.weight": rest.pop("text_model.final_layer_norm.weight"),
         "ln_final.bias": rest.pop("text_model.final_layer_norm.bias"),
     }
+    if "text_projection.weight" in rest:
+        # OpenCLIP projects with x @ P, P [width, embed]; torch's Linear holds the (embed, width) transpose.
+        out["text_projection"] = np.ascontiguousarray(rest.pop("text_projection.weight").T)
     for i in range(config.num_hidden_layers):
         ours, theirs = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
         for param in ("weight", "bias"):
@@ -162,23 +179,39 @@ def open_clip_layout(tensors: dict[str, np.ndarray], config: CLIPTextConfig) -> 
     return out
 
 
-def original_layout(pipe: StableDiffusion) -> dict[str, np.ndarray]:
-    """All three networks of `pipe` as one state dict with the original Stable Diffusion key names."""
-    unet = rename(weights.state_dict(pipe.unet), unet_table(UNetConfig.from_dict(pipe.configs["unet"])), "UNet")
-    vae = vae_layout(weights.state_dict(pipe.vae), VAEConfig.from_dict(pipe.configs["vae"]))
-    text_config = CLIPTextConfig.from_dict(pipe.configs["text_encoder"])
-    text = weights.state_dict(pipe.text_encoder)
-    # The activation tells the two families apart: SD 1.x uses OpenAI's CLIP ViT-L/14 (quick_gelu), which LDM
-    # holds as a transformers CLIPTextModel; SD 2.x uses OpenCLIP ViT-H/14 (gelu) in OpenCLIP's own layout.
-    if text_config.hidden_act == "quick_gelu":
-        text = {CLIP_PREFIX + k: v for k, v in text.items()}
+def prefixed(prefix: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`tensors` with `prefix` before every key."""
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def checkpoint_layout(
+    tensors: Mapping[str, dict[str, np.ndarray]], configs: Mapping[str, dict[str, Any]]
+) -> dict[str, np.ndarray]:
+    """Each network's diffusers/transformers state dict as one state dict with the original key names.
+
+    `tensors` and `configs` are keyed by network as a pipeline's configs are ("unet", "vae",
+    "text_encoder", and "text_encoder_2" for SDXL); each config is the network's config.json.
+    """
+    unet = rename(tensors["unet"], unet_table(UNetConfig.from_dict(configs["unet"])), "UNet")
+    vae = vae_layout(tensors["vae"], VAEConfig.from_dict(configs["vae"]))
+    # SD 1.x uses OpenAI's CLIP ViT-L/14 (quick_gelu), which LDM holds as a transformers CLIPTextModel; SD 2.x
+    # uses OpenCLIP ViT-H/14 (gelu) in OpenCLIP's own layout, so the activation tells them apart. SDXL's SGM
+    # holds one of each: its CLIP ViT-L as SD 1.x does, its OpenCLIP ViT-bigG as SD 2.x does.
+    text, text_config = tensors["text_encoder"], CLIPTextConfig.from_dict(configs["text_encoder"])
+    if "text_encoder_2" in configs:
+        text_2 = open_clip_layout(tensors["text_encoder_2"], CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+        text = {**prefixed(SDXL_CLIP_PREFIX, text), **prefixed(SDXL_OPEN_CLIP_PREFIX, text_2)}
+    elif text_config.hidden_act == "quick_gelu":
+        text = prefixed(CLIP_PREFIX, text)
     else:
-        text = {OPEN_CLIP_PREFIX + k: v for k, v in open_clip_layout(text, text_config).items()}
-    return {
-        **{UNET_PREFIX + k: v for k, v in unet.items()},
-        **{VAE_PREFIX + k: v for k, v in vae.items()},
-        **text,
-    }
+        text = prefixed(OPEN_CLIP_PREFIX, open_clip_layout(text, text_config))
+    return {**prefixed(UNET_PREFIX, unet), **prefixed(VAE_PREFIX, vae), **text}
+
+
+def original_layout(pipe: StableDiffusion) -> dict[str, np.ndarray]:
+    """Every network of `pipe` as one state dict with the original Stable Diffusion key names."""
+    names = [name for name in NETWORKS if name in pipe.configs]
+    return checkpoint_layout({name: weights.state_dict(getattr(pipe, name)) for name in names}, pipe.configs)
 
 
 def write_single_file(pipe: StableDiffusion, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -15,7 +15,7 @@ def parameter_count(module: nnx.Module) -> int:
 def describe(model: str, dtype: str = "float32") -> str:
     pipe = load_pipeline(model, dtype=dtype)
     lines = [f"model: {pipe.source}", f"compute dtype: {dtype}"]
-    for name in ("unet", "vae", "text_encoder"):
+    for name in pipe.networks:
         lines.append(f"{name}: {parameter_count(getattr(pipe, name)):,} parameters")
     lines.append(f"native resolution: {pipe.native_resolution} px")
     lines.append(f"tokenizer: {len(pipe.tokenizer)} tokens, max length {pipe.tokenizer.model_max_length}")

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from esd_jax import checkpoints, parallel, run, weights
+from esd_jax import checkpoints, conditioning, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import Prompts, cache_of, initial_state, make_erase_step, step_inputs
@@ -30,21 +30,20 @@ from esd_jax.schedulers import NoiseSchedule
 from esd_jax.trajectories import make_trajectory_sampler
 
 
-@nnx.jit
-def encode(text_encoder, ids: jax.Array) -> jax.Array:
-    return text_encoder(ids)  # [n, L, D] last hidden states
-
-
 def encode_prompts(pipe: StableDiffusion, cfg: EraseConfig) -> Prompts:
-    """The concepts, their erase-from prompts, "" and the retain prompts, through the text encoder in one call."""
+    """The concepts, their erase-from prompts, "" and the retain prompts, through the text encoders in one call."""
     texts = [*cfg.concepts, *cfg.erase_froms, "", *cfg.retains]
-    embeddings = encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
+    cond = pipe.encode(texts, cfg.resolution)
     n, m = len(cfg.concepts), len(cfg.erase_froms)
+
+    def part(start: int, stop: int):
+        return jax.tree.map(lambda x: x[start:stop], cond)
+
     return Prompts(
-        concept=embeddings[:n],
-        erase_from=embeddings[n : n + m] if m else None,
-        null=embeddings[n + m],
-        retain=embeddings[n + m + 1 :] if cfg.retains else None,
+        concept=part(0, n),
+        erase_from=part(n, n + m) if m else None,
+        null=conditioning.first(pipe.null(part(n + m, n + m + 1))),
+        retain=part(n + m + 1, len(texts)) if cfg.retains else None,
     )
 
 

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import parallel
+from esd_jax import conditioning, parallel
+from esd_jax.conditioning import concat, repeat
 from esd_jax.esd import TRAJECTORY_STREAM, guided, retain_key, row_prompts, targets
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
@@ -50,20 +51,19 @@ def trajectory_draws(rng: jax.Array, count: int, num_prompts: int, first=0) -> t
     return prompt, jax.vmap(lambda key: jax.random.fold_in(key, 2))(keys)
 
 
-def trajectory_pairs(
-    unet, schedule: NoiseSchedule, objective, noise: jax.Array, c: jax.Array, f: jax.Array, null, retained=None
-):
+def trajectory_pairs(unet, schedule: NoiseSchedule, objective, noise: jax.Array, c, f, null, retained=None):
     """(x_k [B, N, C, H, W], target_k [B, N, C, H, W]) along the guided DDIM trajectories from `noise` under
     the sampling prompts `f`, the targets as esd.esd_target computes them for the concepts `c` (and the
     `retained` rows)."""
     timesteps = jnp.asarray(schedule.timesteps(objective.ddim_steps))
     prev = jnp.asarray(schedule.prev_timesteps(objective.ddim_steps))
     b = noise.shape[0]
-    contexts = [jnp.broadcast_to(null, f.shape), f] + ([c] if objective.erase_from else [])
+    contexts = [repeat(null, f), f] + ([c] if objective.erase_from else [])
     n = len(contexts)
+    context = concat(contexts)
 
     def body(x, i):
-        preds = unet(jnp.concatenate([x] * n), jnp.full((n * b,), timesteps[i]), jnp.concatenate(contexts))
+        preds = unet(jnp.concatenate([x] * n), jnp.full((n * b,), timesteps[i]), **context)
         e_null, e_f, *rest = jnp.split(preds, n)
         e_0, e_f32 = e_null.astype(jnp.float32), e_f.astype(jnp.float32)
         e_c = rest[0].astype(jnp.float32) if objective.erase_from else e_f32
@@ -106,10 +106,12 @@ def make_trajectory_sampler(graphdef, schedule: NoiseSchedule, objective, mesh: 
     # Stated rather than left to the compiler, so that the step can be compiled for the cache before it exists.
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P(AXIS)))
     def sample(original, frozen, prompts, rng, cache=0) -> Trajectories:
-        n = prompts.concept.shape[0]
+        n = conditioning.count(prompts.concept)
         prompt, noise_keys = trajectory_draws(rng, padded, n, first=cache * count)
         if prompts.retain is not None:
-            kept, kept_keys = trajectory_draws(retain_key(rng), padded, prompts.retain.shape[0], first=cache * count)
+            kept, kept_keys = trajectory_draws(
+                retain_key(rng), padded, conditioning.count(prompts.retain), first=cache * count
+            )
             prompt, noise_keys = jnp.concatenate([prompt, kept + n]), jnp.concatenate([noise_keys, kept_keys])
         x_t, target = sharded(original, frozen)(original, frozen, prompts, prompt, noise_keys)
         return Trajectories(x_t=x_t, target=target, prompt=prompt)

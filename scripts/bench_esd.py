@@ -138,7 +138,10 @@ def compile_jax(config: dict, dtype: str) -> dict:
     optimizer = optax.adam(LEARNING_RATE)
     state = jax.eval_shape(lambda trainable: initial_state(trainable, optimizer, SEED), trainable)
     embedding = jax.ShapeDtypeStruct((77, config["cross_attention_dim"]), jnp.float32)
-    prompts = Prompts(concept=jax.ShapeDtypeStruct((1, *embedding.shape), jnp.float32), erase_from=None, null=embedding)
+    concept = jax.ShapeDtypeStruct((1, *embedding.shape), jnp.float32)
+    prompts = Prompts(
+        concept={"encoder_hidden_states": concept}, erase_from=None, null={"encoder_hidden_states": embedding}
+    )
     mesh = parallel.make_mesh()
     step = make_train_step(graphdef, NoiseSchedule.from_config(SCHEDULER), esd_objective(config), optimizer, mesh, 1)
     reset_peak()
@@ -170,8 +173,9 @@ def flop_programs(config: dict, dtype: str) -> dict:
     schedule = NoiseSchedule.from_config(SCHEDULER)
     x = jax.ShapeDtypeStruct((1, *objective.latent_shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    c = jax.ShapeDtypeStruct((1, 77, config["cross_attention_dim"]), jnp.float32)
-    null = jax.ShapeDtypeStruct(c.shape[1:], jnp.float32)
+    embedding = jax.ShapeDtypeStruct((1, 77, config["cross_attention_dim"]), jnp.float32)
+    c = {"encoder_hidden_states": embedding}
+    null = {"encoder_hidden_states": jax.ShapeDtypeStruct(embedding.shape[1:], jnp.float32)}
 
     def guided_steps(original, frozen, noise, k, c, null):
         return partial_sample(nnx.merge(graphdef, original, frozen), schedule, objective, noise, k, c, null)
@@ -265,7 +269,11 @@ def run_jax(folder: Path, iterations: int, config: dict, dtype: str, trajectorie
     del unet
     original = jax.tree.map(jnp.copy, trainable)
     embeddings = np.load(folder / "prompts.npz")
-    prompts = Prompts(concept=embeddings["concept"][None], erase_from=None, null=embeddings["null"])
+    prompts = Prompts(
+        concept={"encoder_hidden_states": embeddings["concept"][None]},
+        erase_from=None,
+        null={"encoder_hidden_states": embeddings["null"]},
+    )
     # Placed as esd_jax.train places them: the step's outputs come back with these shardings, so
     # unplaced inputs would make the second call compile again.
     mesh = parallel.make_mesh()

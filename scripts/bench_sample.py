@@ -155,10 +155,10 @@ def batch_flop(pipe) -> int:
     from esd_jax.sampling.sampler import Sampler, generate_batch
 
     sampler = Sampler(pipe, steps=STEPS, guidance=GUIDANCE, batch_size=BATCH)
-    ids = jax.ShapeDtypeStruct((BATCH, pipe.tokenizer.model_max_length), jnp.int32)
+    ids = (jax.ShapeDtypeStruct((BATCH, pipe.tokenizer.model_max_length), jnp.int32),)
     latents = jax.ShapeDtypeStruct((BATCH, *sampler.settings.latent_shape), jnp.float32)
     statics = dict(graphdefs=sampler.graphdefs, settings=sampler.settings, mesh=sampler.mesh)
-    traced = generate_batch.trace(sampler.states, ids, sampler.null_ids, latents, **statics)
+    traced = generate_batch.trace(sampler.states, ids, sampler.null_ids, sampler.times, latents, **statics)
     return flops(traced, FLOPS_PLATFORM)
 
 

@@ -123,6 +123,103 @@ def build_torch_pipeline(shape: str):
     )
 
 
+# SDXL's shape: a first block without attention, per-block transformer depths, two text encoders whose
+# penultimate states are joined (32 + 48 = cross_attention_dim 80; of different widths, as diffusers'
+# single-file loader tells SDXL's encoders apart by width), and the added "text_time" embedding of the
+# second encoder's projection (32) and six time ids of 8 sinusoids each (32 + 48 = 80).
+SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=80,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+    norm_num_groups=8,
+)
+
+
+def tiny_text_config(tokenizer, hidden_act: str, hidden_size: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act=hidden_act,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_torch_sdxl_pipeline():
+    """A tiny random StableDiffusionXLPipeline: CLIP-L-like and bigG-like encoders, Euler, SDXL's VAE scale."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = make_clip_tokenizer(WORDS, max_length=16, pad_token="<|endoftext|>")
+    tokenizer_2 = make_clip_tokenizer(WORDS, max_length=16, pad_token="!")
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, "gelu", hidden_size=48))
+    for i, m in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        perturb(m, seed=10 + i)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+    """(folder, torch pipeline) of the tiny SDXL pipeline, saved once per session."""
+    pipe = build_torch_sdxl_pipeline()
+    folder = tmp_path_factory.mktemp("sdxl")
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
 @pytest.fixture(scope="session", params=sorted(SHAPES))
 def tiny_pipeline(request, tmp_path_factory):
     """(folder, torch pipeline) for each tiny shape, saved once per session."""

@@ -132,3 +132,31 @@ def test_bad_config_names_the_key(key, value):
     with pytest.raises(UserError, match=key) as e:
         clip.CLIPTextConfig.from_dict({**TINY, key: value})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("eos", [99, 2])
+def test_with_projection_matches_transformers(eos, tmp_path):
+    """SDXL's second encoder: hidden_states[-2] and text_embeds. eos 2 is the legacy id of SDXL's configs,
+    for which transformers pools at the largest token id instead of the first end-of-text token."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    ref = CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", **{**TINY, "eos_token_id": eos})).eval()
+    perturb(ref, seed=4)
+    ref.save_pretrained(tmp_path)
+    config = clip.CLIPTextConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    model = clip.CLIPTextModelWithProjection(config, rngs=nnx.Rngs(0))
+    weights.load_state_dict(model, clip.normalize_keys(load_file(tmp_path / "model.safetensors")), source="test")
+    ids = np.random.default_rng(5).integers(3, 98, (3, 16))
+    ids[:, 9:] = 99  # end-of-text as padding, as SDXL's first tokenizer pads; one row ends early
+    ids[1, 4:] = 99
+    with torch.no_grad():
+        out = ref(torch.tensor(ids), output_hidden_states=True)
+    penultimate, text_embeds = nnx.jit(clip.CLIPTextModelWithProjection.penultimate_and_text_embeds)(
+        model, jnp.asarray(ids)
+    )
+    np.testing.assert_allclose(penultimate, out.hidden_states[-2].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(text_embeds, out.text_embeds.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.penultimate(jnp.asarray(ids)), penultimate, rtol=1e-6, atol=1e-6)
+    assert weights.state_dict(model).keys() == {k for k in ref.state_dict() if not k.endswith("position_ids")}
+    assert config.to_dict("CLIPTextModelWithProjection")["architectures"] == ["CLIPTextModelWithProjection"]

@@ -15,10 +15,10 @@ from jax.sharding import Mesh
 import esd_jax
 from conftest import perturb
 from esd_jax import parallel, weights
+from esd_jax.conditioning import concat, take
 from esd_jax.esd import Objective, Prompts, TrainState, esd_loss, esd_target, make_train_step, partial_sample
 from esd_jax.partition import trainable_filter, trainable_keys
 from esd_jax.schedulers import NoiseSchedule
-from esd_jax.train import encode
 
 
 def rel_err(a, b) -> float:
@@ -82,7 +82,7 @@ def test_target_and_loss_match_a_pytorch_computation(sd1, erase_from):
     graphdef = nnx.graphdef(pipe.unet)
     ours = objective(negative_guidance=eta, erase_from=erase_from)
     emb = encode_prompts(pipe, ["red circle", "a photo of green", ""])
-    jc, jf, jnull = jnp.stack([emb[0]] * 2), jnp.stack([emb[1]] * 2), emb[2]
+    jc, jf, jnull = emb[jnp.array([0, 0])], emb[jnp.array([1, 1])], emb[2]
     got_target = esd_target(
         pipe.unet, ours, jnp.asarray(x_t.numpy()), jnp.asarray(t.numpy()), jc, jf if erase_from else jc, jnull
     )
@@ -136,7 +136,7 @@ def test_partial_ddim_matches_diffusers_stepping(sd1):
         objective(ddim_steps=steps, start_guidance=guidance),
         jnp.asarray(noise),
         jnp.asarray(ks),
-        jnp.stack([emb[0]] * 2),
+        emb[jnp.array([0, 0])],
         emb[1],
     )
     for b, k in enumerate(ks):
@@ -149,7 +149,7 @@ def test_the_sampling_loops_last_turn_gives_the_targets_predictions(sd1):
     _, _, pipe = sd1
     schedule, obj = NoiseSchedule.from_config(pipe.scheduler_config), objective(ddim_steps=6)
     emb = encode_prompts(pipe, ["red circle", ""])
-    cond = jnp.stack([emb[0]] * 3)
+    cond = emb[jnp.array([0, 0, 0])]
     noise = jnp.asarray(np.random.default_rng(3).standard_normal((3, 4, 8, 8)), jnp.float32)
     k = jnp.asarray([0, 4, 5])
     x_t, e_0, e_c = partial_sample(pipe.unet, schedule, obj, noise, k, cond, emb[1], predictions=True)
@@ -159,8 +159,18 @@ def test_the_sampling_loops_last_turn_gives_the_targets_predictions(sd1):
     assert rel_err(e_0 - obj.negative_guidance * (e_c - e_0), want) <= 1e-5
 
 
-def encode_prompts(pipe, texts: list[str]) -> jax.Array:
-    return encode(pipe.text_encoder, jnp.asarray(pipe.token_ids(texts)))
+class Encoded:
+    """Prompts' conditioning (esd_jax.conditioning) indexed as an array of rows: emb[i] is prompt i's."""
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def __getitem__(self, index):
+        return jax.tree.map(lambda x: x[index], self.cond)
+
+
+def encode_prompts(pipe, texts: list[str]) -> Encoded:
+    return Encoded(pipe.encode(texts))
 
 
 def run_steps(
@@ -269,8 +279,8 @@ def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
     timesteps = jnp.asarray(schedule.timesteps(obj.ddim_steps))
     for j in range(3):
         noise = jax.random.normal(noise_keys[j], obj.latent_shape)[None]
-        c = prompts.concept[concept[j]][None]
-        f = prompts.erase_from[concept[j]][None] if erase_from else c
+        c = take(prompts.concept, concept[j][None])
+        f = take(prompts.erase_from, concept[j][None]) if erase_from else c
         for k in (0, 2, obj.ddim_steps - 1):
             x_t = partial_sample(unet, schedule, obj, noise, jnp.asarray([k]), f, prompts.null)
             target = esd_target(unet, obj, x_t, timesteps[k][None], c, f, prompts.null)
@@ -384,10 +394,10 @@ def test_retain_pairs_hold_the_frozen_prediction_under_their_prompt_and_leave_th
     k, prompt, noise_keys = sample_draws(retain_key(state.rng), state.step, devices * per_device, obj.ddim_steps, 2)
     np.testing.assert_array_equal(retain_rows(with_retain.prompt, devices), prompt + 2)
     unet = nnx.merge(graphdef, trainable, frozen)
-    r = kept.retain[prompt]
+    r = take(kept.retain, prompt)
     noise = jax.vmap(lambda key: jax.random.normal(key, obj.latent_shape))(noise_keys)
     x_t = partial_sample(unet, schedule, obj, noise, k, r, kept.null)
-    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], r)
+    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], **r)
     assert rel_err(retain_rows(with_retain.x_t, devices), x_t) <= 1e-5
     assert rel_err(retain_rows(with_retain.target, devices), target) <= 1e-5
 
@@ -412,10 +422,10 @@ def test_the_cache_holds_retain_trajectories_after_the_erase_ones(sd1):
     # Trajectories 0..2 at their first and last step, in one batch.
     j, k = jnp.repeat(jnp.arange(3), 2), jnp.tile(jnp.asarray([0, obj.ddim_steps - 1]), 3)
     unet = nnx.merge(graphdef, trainable, frozen)
-    r = kept.retain[prompt[j]]
+    r = take(kept.retain, prompt[j])
     noise = jax.vmap(lambda key: jax.random.normal(key, obj.latent_shape))(noise_keys[j])
     x_t = partial_sample(unet, schedule, obj, noise, k, r, kept.null)
-    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], r)
+    target = unet(x_t, jnp.asarray(schedule.timesteps(obj.ddim_steps))[k], **r)
     assert rel_err(cache.x_t[4 + j, k], x_t) <= 1e-5 and rel_err(cache.target[4 + j, k], target) <= 1e-5
 
 
@@ -440,12 +450,12 @@ def test_the_retain_loss_adds_its_weighted_gradient(sd1):
     pairs = step.pairs(state, frozen_m, original_m, prompts)
     state, metrics = step.update(state, frozen_m, prompts, pairs)
     pairs, metrics, after = jax.device_get((pairs, metrics, state.trainable))
-    cond = jnp.concatenate([kept.concept, kept.retain])[pairs.prompt]
-    e_args = (pairs.x_t, timesteps[pairs.k], cond)
+    cond = take(concat([kept.concept, kept.retain]), pairs.prompt)
+    e_args = (pairs.x_t, timesteps[pairs.k])
 
     @jax.jit
     def mse(params):
-        squared = jnp.square(nnx.merge(graphdef, params, frozen)(*e_args) - pairs.target)
+        squared = jnp.square(nnx.merge(graphdef, params, frozen)(*e_args, **cond) - pairs.target)
         erase, retain = halves(squared, devices)
         return jnp.mean(erase), jnp.mean(retain)
 

@@ -225,8 +225,11 @@ def empty_tokenizer(copy: Path) -> None:
 BAD_FOLDERS = [
     (to_bin, "only PyTorch pickle weights"),
     (bad_shape, "'conv_in.weight' has shape (16, 4, 3, 3), the config implies (32, 4, 3, 3)"),
-    (sdxl, "'StableDiffusionXLPipeline' is not supported"),
-    (sdxl_unet, "unet/config.json: unet config: addition_embed_type='text_time' is not supported"),
+    (
+        sdxl,
+        "text_encoder_2 is missing; a StableDiffusionXLPipeline folder has unet/, vae/, text_encoder/, text_encoder_2/",
+    ),
+    (sdxl_unet, 'names a StableDiffusionPipeline but unet/config.json has addition_embed_type="text_time"'),
     (lambda c: (c / "model_index.json").unlink(), "model_index.json is missing"),
     # JSON that is not an object of keys
     (write("model_index.json", "[1, 2]"), "model_index.json: holds an array, not an object"),

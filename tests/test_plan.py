@@ -206,3 +206,49 @@ def test_known_hub_ids_plan_without_a_download():
     pipe = plan.abstract_pipeline("CompVis/stable-diffusion-v1-4")
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(pipe.unet)))
     assert count == 859_520_964  # diffusers' UNet2DConditionModel of SD 1.4
+
+
+@pytest.fixture(scope="module")
+def sdxl_configs(tmp_path_factory):
+    """A configs-only SDXL folder of conftest's tiny shape."""
+    from conftest import SDXL_UNET
+
+    root = tmp_path_factory.mktemp("sdxl-configs")
+    text = TEXT | dict(max_position_embeddings=16, hidden_size=32, projection_dim=32, num_attention_heads=4)
+    files = {
+        "model_index.json": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
+        "unet/config.json": SDXL_UNET,
+        "text_encoder/config.json": text,
+        "text_encoder_2/config.json": text | dict(architectures=["CLIPTextModelWithProjection"], hidden_size=48),
+        "vae/config.json": VAE,
+        "scheduler/scheduler_config.json": SCHEDULER,
+    }
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(content))
+    return root
+
+
+def test_sdxl_prompts_are_its_joined_states_pooled_text_and_time_ids(sdxl_configs):
+    """Each SDXL prompt conditions on 16 tokens x (32 + 48) joined states, 32 pooled and 6 time ids; the
+    carried SDXL base configs build diffusers' 2.57 B-parameter UNet."""
+    pipe = plan.abstract_pipeline(sdxl_configs)
+    shapes = plan.prompt_shapes(pipe, 2, 0)
+    assert {k: v.shape for k, v in shapes.concept.items()} == {
+        "encoder_hidden_states": (2, 16, 80),
+        "text_embeds": (2, 32),
+        "time_ids": (2, 6),
+    }
+    assert shapes.erase_from is None and shapes.null["time_ids"].shape == (6,)
+
+    base = plan.abstract_pipeline("stabilityai/stable-diffusion-xl-base-1.0")
+    count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(base.unet)))
+    assert count == 2_567_463_684 and base.native_resolution == 1024 and base.zero_null
+
+
+@pytest.mark.slow
+def test_sdxl_plans_its_step(sdxl_configs):
+    found = plan.plan_erase(erase_config(sdxl_configs), TOPOLOGY)
+    # two concepts and "", float32
+    assert found.memory["prompt embeddings"] == 4 * 3 * (16 * 80 + 32 + 6)
+    assert found.fits and found.calls[0].math_flops > 0

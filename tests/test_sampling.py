@@ -553,7 +553,7 @@ def test_delta_files_in_bfloat16_load_and_unknown_keys_are_named(sd1_folder, tmp
         (["--model", "m"], "give either --prompt TEXT or --prompts FILE.csv"),
         (["--model", "m", "--prompt", "a", "--compare"], "--compare needs the erased model"),
         (["--model", "m", "--prompt", "a", "--esd", "x.safetensors"], "--esd x.safetensors: no such file"),
-        (["--model", "m", "--prompt", "a", "--scheduler", "euler"], "bad flag"),
+        (["--model", "m", "--prompt", "a", "--scheduler", "heun"], "bad flag"),
     ],
 )
 def test_cli_argument_errors(tmp_path, capsys, args, message):

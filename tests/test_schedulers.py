@@ -1,15 +1,24 @@
-"""DDIM and DPM-Solver++ timesteps and steps against diffusers' schedulers on the same inputs."""
+"""DDIM, DPM-Solver++ and Euler timesteps and steps against diffusers' schedulers on the same inputs."""
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from esd_jax.errors import UserError
-from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
+from esd_jax.schedulers import (
+    DPMSolverSchedule,
+    EulerSchedule,
+    NoiseSchedule,
+    ddim_step,
+    dpm_solver_step,
+    euler_step,
+    scale_model_input,
+)
 
 SD14 = dict(
     beta_start=0.00085,
@@ -61,7 +70,7 @@ def test_unsupported_settings_name_the_key():
         NoiseSchedule.from_config(SD14).timesteps(0)
 
 
-@pytest.mark.parametrize("schedule", [NoiseSchedule, DPMSolverSchedule])
+@pytest.mark.parametrize("schedule", [NoiseSchedule, DPMSolverSchedule, EulerSchedule])
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -79,7 +88,7 @@ def test_unsupported_settings_name_the_key():
         ({"steps_offset": -1}, "steps_offset=-1 is not supported; supported: an int in 0..999"),
         ({"steps_offset": 1.5}, "steps_offset=1.5 is not supported"),
         ({"timestep_spacing": "karras"}, "timestep_spacing='karras' is not supported; supported: 'leading'"),
-        ({"thresholding": True}, "thresholding=True is not supported; supported: False"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True is not supported; supported: False"),
     ],
 )
 def test_nonsense_configs_name_the_key_and_the_accepted_values(schedule, overrides, message):
@@ -96,6 +105,14 @@ def test_nonsense_configs_name_the_key_and_the_accepted_values(schedule, overrid
         (DPMSolverSchedule, {"solver_order": True}, "solver_order=True is not supported; supported: 1, 2"),
         (DPMSolverSchedule, {"lower_order_final": 1}, "lower_order_final=1 is not supported; supported: True, False"),
         (DPMSolverSchedule, {"lambda_min_clipped": "x"}, "lambda_min_clipped='x' is not supported"),
+        (NoiseSchedule, {"thresholding": True}, "thresholding=True is not supported; supported: False"),
+        (DPMSolverSchedule, {"thresholding": True}, "thresholding=True is not supported; supported: False"),
+        (EulerSchedule, {"use_karras_sigmas": True}, "use_karras_sigmas=True is not supported; supported: False"),
+        (EulerSchedule, {"use_exponential_sigmas": True}, "use_exponential_sigmas=True is not supported"),
+        (EulerSchedule, {"use_beta_sigmas": True}, "use_beta_sigmas=True is not supported; supported: False"),
+        (EulerSchedule, {"timestep_type": "continuous"}, "timestep_type='continuous' is not supported"),
+        (EulerSchedule, {"interpolation_type": "log_linear"}, "interpolation_type='log_linear' is not supported"),
+        (EulerSchedule, {"final_sigmas_type": "sigma_min"}, "final_sigmas_type='sigma_min' is not supported"),
     ],
 )
 def test_each_samplers_own_keys_are_checked(schedule, overrides, message):
@@ -142,3 +159,103 @@ def test_dpm_solver_matches_diffusers(overrides, steps):
         got, x0 = dpm_solver_step(schedule, coefficients[i], jnp.asarray(out), got, x0)
         scale = max(1.0, float(want.abs().max()))
         np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-5 * scale, err_msg=f"step {i}")
+
+
+# SDXL base 1.0's scheduler_config.json: SD's training schedule, Euler with "leading" spacing, and keys of
+# other classes that Euler ignores.
+SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+def euler_reference(config: dict, steps: int) -> EulerDiscreteScheduler:
+    ref = EulerDiscreteScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    return ref
+
+
+# Sigmas to 1e-5 relative: numpy's float32 linspace and cumprod round alpha-bar differently from torch's, by up
+# to 1.3e-6 relative, and sqrt((1 - alpha-bar) / alpha-bar) grows that to 3.4e-6 at the highest noise.
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_euler_timesteps_and_sigmas_match_diffusers(spacing, steps):
+    config = SDXL | {"timestep_spacing": spacing}
+    ref = euler_reference(config, steps)
+    schedule = EulerSchedule.from_config(config)
+    timesteps = schedule.timesteps(steps)
+    assert timesteps.dtype == np.float32
+    np.testing.assert_array_equal(timesteps, ref.timesteps.numpy())
+    sigmas = schedule.sigmas(steps)
+    assert sigmas.shape == (steps + 1,) and sigmas[-1] == 0
+    np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(schedule.init_noise_sigma(steps), float(ref.init_noise_sigma), rtol=1e-5)
+
+
+def test_euler_reads_other_classes_configs_and_ignores_their_keys():
+    """SD 1.4's PNDM config, read as Euler (linspace: Euler's default), with keys diffusers' Euler ignores:
+    thresholding is DDIM's, and sigma_min bounds only the Karras, exponential and beta sigmas."""
+    config = dict(PNDMScheduler(**SD14).config) | {"thresholding": True, "sigma_min": 0.1}
+    config.pop("_use_default_values")
+    ref = euler_reference(config, 7)
+    schedule = EulerSchedule.from_config(config)
+    np.testing.assert_array_equal(schedule.timesteps(7), ref.timesteps.numpy())
+    np.testing.assert_allclose(schedule.sigmas(7), ref.sigmas.numpy(), rtol=1e-5)
+
+
+def test_euler_leading_steps_offset_past_the_last_timestep_is_what_diffusers_does():
+    """Unlike DDIM's, diffusers' Euler takes timestep 1000 and the last training sigma for it."""
+    ref = euler_reference(SDXL, 1000)
+    schedule = EulerSchedule.from_config(SDXL)
+    assert schedule.timesteps(1000)[0] == 1000
+    np.testing.assert_array_equal(schedule.timesteps(1000), ref.timesteps.numpy())
+    np.testing.assert_allclose(schedule.sigmas(1000), ref.sigmas.numpy(), rtol=1e-5)
+    with pytest.raises(UserError, match="sampling steps must be in 1..1000, got 1001"):
+        schedule.timesteps(1001)
+
+
+def fake_model(x, t, sin):
+    """A stand-in UNet whose output depends on its input and timestep, as the real one's does."""
+    return 0.1 * x + sin(t)
+
+
+# The latents after all steps: float32 rounding builds up to 6e-7 of the largest latent (measured), checked
+# to 1e-5 of it.
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing, steps", [("leading", 50), ("trailing", 7), ("linspace", 7)])
+def test_euler_sampling_loop_matches_diffusers(prediction_type, spacing, steps):
+    config = SDXL | {"timestep_spacing": spacing, "prediction_type": prediction_type}
+    ref = euler_reference(config, steps)
+    schedule = EulerSchedule.from_config(config)
+    noise = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+
+    want = torch.tensor(noise) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        out = fake_model(ref.scale_model_input(want, t), t, torch.sin)
+        want = ref.step(out, t, want).prev_sample
+
+    @jax.jit
+    def sample(timesteps, sigmas, x):
+        def body(i, x):  # i is traced: the sampler's fori_loop
+            out = fake_model(scale_model_input(sigmas, i, x), timesteps[i], jnp.sin)
+            return euler_step(schedule, sigmas, out, i, x)
+
+        return jax.lax.fori_loop(0, steps, body, x)
+
+    x = jnp.asarray(noise) * schedule.init_noise_sigma(steps)
+    got = sample(jnp.asarray(schedule.timesteps(steps)), jnp.asarray(schedule.sigmas(steps)), x)
+    scale = float(want.abs().max())
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-5 * scale)

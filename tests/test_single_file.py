@@ -1,21 +1,34 @@
 """The original Stable Diffusion single file, read back by diffusers' own single-file converters and loader."""
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import esd_jax
-from esd_jax import single_file
+from esd_jax import single_file, weights
 from esd_jax.errors import UserError
 from esd_jax.models.unet import UNetConfig
 from esd_jax.models.vae import VAEConfig
+from esd_jax.pipeline import KNOWN_MODELS, KNOWN_ROOT
 
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+SDXL_PREFIXES = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "conditioner.embedders.0.transformer.",
+    "conditioner.embedders.1.model.",
+)
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, as esd-jax carries it.
+SDXL_BASE_UNET = json.loads(
+    (KNOWN_ROOT / KNOWN_MODELS["stabilityai/stable-diffusion-xl-base-1.0"] / "unet" / "config.json").read_text()
+)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +177,51 @@ def test_full_size_key_maps_match_diffusers_converters(unet_config, model_type):
         assert sorted(got) == sorted(want)
         assert all(got[k].shape == want[k].shape for k in want)
     assert checkpoint["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
+
+
+def test_sdxl_file_loads_with_diffusers(sdxl_pipeline, tmp_path):
+    """The tiny SDXL's torch weights, converted as esd-jax's own would be, read back by from_single_file."""
+    folder, ref = sdxl_pipeline
+    names = single_file.NETWORKS
+    tensors = {name: {k: v.numpy() for k, v in getattr(ref, name).state_dict().items()} for name in names}
+    # esd-jax's CLIPTextModel, like every SD checkpoint, keeps the `text_model.` prefix transformers 5 drops.
+    tensors["text_encoder"] = with_text_model_prefix(tensors["text_encoder"])
+    configs = {name: json.loads((folder / name / "config.json").read_text()) for name in names}
+    checkpoint = single_file.checkpoint_layout(tensors, configs)
+
+    assert all(k.startswith(SDXL_PREFIXES) for k in checkpoint)
+    added = tensors["unet"]["add_embedding.linear_1.weight"]
+    assert np.array_equal(checkpoint["model.diffusion_model.label_emb.0.0.weight"], added)
+    # OpenCLIP's projection is [width, embed], applied as x @ P.
+    projection = tensors["text_encoder_2"]["text_projection.weight"]
+    assert np.array_equal(checkpoint["conditioner.embedders.1.model.text_projection"], projection.T)
+    # The second encoder's last block is written too: SD 2.x never runs its last block, SDXL's pooled output does.
+    in_proj = checkpoint["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    assert in_proj.shape == (3 * 48, 48)
+    assert sfu.is_clip_sdxl_model(checkpoint) and sfu.is_open_clip_sdxl_model(checkpoint)
+
+    path = tmp_path / "sdxl.safetensors"
+    weights.write_safetensors(checkpoint, path)
+    # The folder's configs say what each network is, which the tiny file's keys could not: diffusers
+    # detects SDXL by conditioner.embedders.1's tenth block (infer_diffusers_model_type).
+    loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    for name in names:
+        assert_identical(getattr(loaded, name).state_dict(), getattr(ref, name).state_dict())
+
+
+def test_full_size_sdxl_unet_key_map_matches_diffusers_converter():
+    """SDXL base's UNet on the meta device: names and shapes through diffusers' converter, no weights."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SDXL_BASE_UNET)
+    state = unet.state_dict()
+    table = single_file.unet_table(UNetConfig.from_dict(dict(unet.config)))
+    checkpoint = single_file.prefixed(single_file.UNET_PREFIX, single_file.rename(state, table, "UNet"))
+    # SGM's places: upsamplers after the two attention levels' last output blocks, each block's resnet then attention.
+    upsamplers = {k for k in checkpoint if k.startswith("model.diffusion_model.output_blocks.") and ".conv." in k}
+    assert upsamplers == {
+        f"model.diffusion_model.output_blocks.{b}.conv.{p}" for b in ("2.2", "5.2") for p in ("weight", "bias")
+    }
+    # diffusers' converter finds label_emb and every attention's transformer blocks where SGM keeps them.
+    got = sfu.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert sorted(got) == sorted(state)
+    assert all(got[k].shape == state[k].shape for k in state)

@@ -1,6 +1,7 @@
 """UNet2DConditionModel against PyTorch diffusers: outputs on tiny random UNets, keys and sizes of the real ones."""
 
 import functools
+import json
 import math
 
 import jax.numpy as jnp
@@ -10,10 +11,11 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
 
-from conftest import SHAPES
+from conftest import SDXL_UNET, SHAPES
 from esd_jax import weights
 from esd_jax.errors import UserError
 from esd_jax.models.unet import UNet2DConditionModel, UNetConfig
+from esd_jax.pipeline import KNOWN_MODELS, KNOWN_ROOT
 
 TINY = {
     # int head count, 1x1-conv projections, a DownBlock2D / UpBlock2D pair: the SD 1.x shape.
@@ -39,6 +41,8 @@ TINY = {
         center_input_sample=True,
         mid_block_scale_factor=2.0,
     ),
+    # No attention in the first block, per-block depths, the added text_time embedding: the SDXL shape.
+    "sdxl": SDXL_UNET,
 }
 
 # The unet/config.json of CompVis/stable-diffusion-v1-4 (SD 1.5's differs only in bookkeeping keys).
@@ -78,8 +82,12 @@ SD21 = {
     "use_linear_projection": True,
     "class_embed_type": None,
 }
+# stabilityai/stable-diffusion-xl-base-1.0's, as esd-jax carries it for `plan` (it leaves upcast_attention null).
+SDXL = json.loads(
+    (KNOWN_ROOT / KNOWN_MODELS["stabilityai/stable-diffusion-xl-base-1.0"] / "unet" / "config.json").read_text()
+)
 # Parameter counts of the released checkpoints.
-SIZES = {"sd14": (SD14, 859_520_964), "sd21": (SD21, 865_910_724)}
+SIZES = {"sd14": (SD14, 859_520_964), "sd21": (SD21, 865_910_724), "sdxl": (SDXL, 2_567_463_684)}
 
 
 def rel_err(a, b) -> float:
@@ -117,12 +125,27 @@ def test_matches_diffusers(tiny):
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     context = rng.standard_normal((2, 7, config.cross_attention_dim)).astype(np.float32)
+    added = {}
+    if config.addition_embed_type == "text_time":  # pooled embeddings and two images' size/crop/target ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {
+            "text_embeds": rng.standard_normal((2, pooled)).astype(np.float32),
+            "time_ids": np.array([[64, 64, 0, 0, 64, 64], [1024, 768, 32, 16, 896, 640]], np.float32),
+        }
     for t in (np.array([0, 500]), 999, 321.5):
         with torch.no_grad():
             want = ref(
-                torch.tensor(sample), torch.tensor(t) if isinstance(t, np.ndarray) else t, torch.tensor(context)
+                torch.tensor(sample),
+                torch.tensor(t) if isinstance(t, np.ndarray) else t,
+                torch.tensor(context),
+                added_cond_kwargs={k: torch.tensor(v) for k, v in added.items()} or None,
             ).sample.numpy()
-        got = model(jnp.asarray(sample), jnp.asarray(t) if isinstance(t, np.ndarray) else t, jnp.asarray(context))
+        got = model(
+            jnp.asarray(sample),
+            jnp.asarray(t) if isinstance(t, np.ndarray) else t,
+            jnp.asarray(context),
+            **{k: jnp.asarray(v) for k, v in added.items()},
+        )
         assert got.shape == want.shape
         assert rel_err(got, want) <= 1e-4, f"timestep {t}"
 
@@ -179,7 +202,8 @@ def test_full_size_unet_has_diffusers_keys_and_size(name):
 @pytest.mark.parametrize(
     "change, key",
     [
-        ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time'"),
+        ({"addition_embed_type": "text_time"}, "addition_time_embed_dim=None"),
+        ({"addition_embed_type": "image"}, "addition_embed_type='image'"),
         ({"cross_attention_dim": [768, 768, 768, 768]}, "cross_attention_dim"),
         ({"attention_head_dim": [8, 8]}, "attention_head_dim"),
         ({"transformer_layers_per_block": [[1, 1], [1, 1], [1, 1], [1, 1]]}, "transformer_layers_per_block"),

@@ -1,7 +1,10 @@
-"""CLIP's text transformer (transformers' CLIPTextModel) in Flax NNX, the prompt encoder of SD 1.x and 2.x.
+"""CLIP's text transformer (transformers' CLIPTextModel and CLIPTextModelWithProjection) in Flax NNX, the
+prompt encoders of SD 1.x, 2.x and SDXL.
 
 `CLIPTextModel(ids)` equals transformers' `CLIPTextModel(ids).last_hidden_state`, with its parameter
-names (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...). There is no attention mask:
+names (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...); `penultimate` is its
+`hidden_states[-2]`, what SDXL conditions on, and CLIPTextModelWithProjection's `text_embeds` its
+projected pooled output (SDXL's second encoder). There is no attention mask:
 Stable Diffusion pipelines pass none, and causal attention already keeps padding out of every
 position before it.
 """
@@ -95,10 +98,11 @@ class CLIPTextConfig:
             kwargs[key] = tuple(value) if isinstance(value, list) else value  # eos_token_id may be a list
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A config.json that transformers' CLIPTextModel.from_pretrained reads back to the same model."""
+    def to_dict(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
+        """A config.json that transformers' `architecture` (CLIPTextModel or CLIPTextModelWithProjection)
+        reads back to the same model."""
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **fields}
+        return {"architectures": [architecture], "model_type": "clip_text_model", **fields}
 
 
 class Attention(nnx.Module):
@@ -181,6 +185,13 @@ class TextTransformer(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return self.final_layer_norm(self.encoder(self.embeddings(ids)))
 
+    def states(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the hidden states before the last layer, the last layer's after the final layer norm)."""
+        x = self.embeddings(ids)
+        for layer in self.encoder.layers[:-1]:
+            x = layer(x)
+        return x, self.final_layer_norm(self.encoder.layers[-1](x))
+
 
 class CLIPTextModel(nnx.Module):
     def __init__(
@@ -192,12 +203,46 @@ class CLIPTextModel(nnx.Module):
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """Token ids [B, L] -> last hidden states [B, L, hidden_size], final layer norm applied."""
+        return self.text_model(self.checked(input_ids))
+
+    def checked(self, input_ids: jax.Array) -> jax.Array:
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise UserError(
                 f"text encoder: {input_ids.shape[1]} tokens, more than its "
                 f"max_position_embeddings ({self.config.max_position_embeddings})"
             )
-        return self.text_model(input_ids)
+        return input_ids
+
+    def penultimate(self, input_ids: jax.Array) -> jax.Array:
+        """transformers' `hidden_states[-2]` [B, L, hidden_size]: the input of the last layer, no layer norm."""
+        return self.text_model.states(self.checked(input_ids))[0]
+
+
+def eos_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:
+    """[B] where each row's end-of-text token is, as transformers finds it: the first eos_token_id, or
+    for checkpoints from before transformers fixed their eos_token_id (2, SDXL's among them) the largest
+    token id, which in CLIP's vocabulary is the end-of-text token."""
+    if config.eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == config.eos_token_id, axis=-1)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel with `text_projection`, a bias-free linear of the pooled (end-of-text) state."""
+
+    def __init__(
+        self, config: CLIPTextConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.text_projection = Linear(
+            config.hidden_size, config.projection_dim, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def penultimate_and_text_embeds(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(hidden_states[-2] [B, L, hidden_size], text_embeds [B, projection_dim]) from one pass."""
+        penultimate, last = self.text_model.states(self.checked(input_ids))
+        pooled = last[jnp.arange(last.shape[0]), eos_positions(self.config, input_ids)]
+        return penultimate, self.text_projection(pooled)
 
 
 def normalize_keys(tensors: dict) -> dict:
@@ -205,7 +250,7 @@ def normalize_keys(tensors: dict) -> dict:
     SD releases) or unprefixed ones (transformers 5's save_pretrained); the position_ids buffer is dropped."""
     out = {}
     for key, value in tensors.items():
-        key = key if key.startswith("text_model.") else f"text_model.{key}"
+        key = key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
         if key != "text_model.embeddings.position_ids":
             out[key] = value
     return out

@@ -1,8 +1,9 @@
 """Stable Diffusion's noise-prediction UNet (diffusers' UNet2DConditionModel) in Flax NNX.
 
-Computes what diffusers 0.42 computes for every UNet config of SD 1.4, 1.5, 2-base and 2.1, with its
-parameter names (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...). Latents
-are NCHW at the API, as in diffusers; everything inside is NHWC.
+Computes what diffusers 0.42 computes for every UNet config of SD 1.4, 1.5, 2-base, 2.1 and SDXL, with
+its parameter names (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`, ...). Latents
+are NCHW at the API, as in diffusers; everything inside is NHWC. SDXL's UNet also takes diffusers'
+added conditioning (`text_embeds`, `time_ids`) as keyword arguments of its call.
 """
 
 import dataclasses
@@ -32,9 +33,6 @@ DEFAULT_ONLY = {
     "num_attention_heads": "diffusers 0.42 rejects it too; attention_head_dim sets the head count",
     "class_embed_type": "class-conditioned UNets are not supported",
     "num_class_embeds": "class-conditioned UNets are not supported",
-    "addition_embed_type": "SDXL is not supported yet",
-    "addition_time_embed_dim": "SDXL is not supported yet",
-    "projection_class_embeddings_input_dim": "SDXL is not supported yet",
     "resnet_time_scale_shift": "",
     "resnet_skip_time_act": "",
     "resnet_out_scale_factor": "",
@@ -108,10 +106,10 @@ class UNetConfig:
     dual_cross_attention: bool = False
     use_linear_projection: bool = False
     class_embed_type: None = None
-    addition_embed_type: None = None
-    addition_time_embed_dim: None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
     num_class_embeds: None = None
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL's config says null: no upcast
     resnet_time_scale_shift: str = "default"
     resnet_skip_time_act: bool = False
     resnet_out_scale_factor: float = 1.0
@@ -122,7 +120,7 @@ class UNetConfig:
     time_cond_proj_dim: None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    projection_class_embeddings_input_dim: None = None
+    projection_class_embeddings_input_dim: int | None = None
     attention_type: str = "default"
     class_embeddings_concat: bool = False
     mid_block_only_cross_attention: None = None
@@ -153,6 +151,14 @@ class UNetConfig:
                 raise _unsupported(key, value, f"an int, or a list of {n} ints (one per block)")
         if not _is_int(self.cross_attention_dim):
             raise _unsupported("cross_attention_dim", self.cross_attention_dim, "one int for every block")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise _unsupported(
+                "addition_embed_type", self.addition_embed_type, "None, or 'text_time' (SDXL)", "SDXL's is text_time"
+            )
+        if self.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not _is_int(getattr(self, key)):
+                    raise _unsupported(key, getattr(self, key), "an int, with addition_embed_type 'text_time'")
         if self.act_fn not in ("silu", "swish"):  # diffusers maps both names to SiLU
             raise _unsupported("act_fn", self.act_fn, "'silu'")
         if not _is_int(self.norm_num_groups) or any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -341,6 +347,8 @@ class UNet2DConditionModel(nnx.Module):
         depth = config.per_block("transformer_layers_per_block")
         self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1, **kw)
         self.time_embedding = TimestepEmbedding(channels[0], 4 * channels[0], **kw)
+        if config.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, 4 * channels[0], **kw)
         self.down_blocks = nnx.List(
             [
                 DownBlock(
@@ -379,9 +387,17 @@ class UNet2DConditionModel(nnx.Module):
         )
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1, **kw)
 
-    def __call__(self, sample: jax.Array, timestep: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timestep: jax.Array | float,
+        encoder_hidden_states: jax.Array,
+        text_embeds: jax.Array | None = None,
+        time_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """Noise prediction [B, out, H, W] for `sample` [B, in, H, W] at `timestep` (a scalar or [B]),
-        conditioned on `encoder_hidden_states` [B, L, cross_attention_dim]."""
+        conditioned on `encoder_hidden_states` [B, L, cross_attention_dim]; SDXL's UNet also on the pooled
+        `text_embeds` [B, P] and the six `time_ids` [B, 6] (original size, crop corner, target size)."""
         b, _, height, width = sample.shape
         multiple = 2 ** (len(self.down_blocks) - 1)
         if height % multiple or width % multiple:
@@ -397,6 +413,14 @@ class UNet2DConditionModel(nnx.Module):
         temb = self.time_embedding(
             timestep_embedding(t, config.block_out_channels[0], config.flip_sin_to_cos, config.freq_shift)
         )
+        if config.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise UserError("unet: an SDXL UNet needs text_embeds and time_ids (diffusers' added_cond_kwargs)")
+            times = timestep_embedding(
+                time_ids.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift
+            )
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), times.reshape(b, -1)], axis=-1)
+            temb = temb + self.add_embedding(added)
         context = encoder_hidden_states
 
         x = self.conv_in(x)

@@ -23,12 +23,20 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import parallel
+from esd_jax import conditioning, parallel
 from esd_jax.config import MAX_SEED, SCHEDULERS
 from esd_jax.errors import UserError
 from esd_jax.parallel import AXIS
 from esd_jax.pipeline import StableDiffusion
-from esd_jax.schedulers import DPMSolverSchedule, NoiseSchedule, ddim_step, dpm_solver_step
+from esd_jax.schedulers import (
+    DPMSolverSchedule,
+    EulerSchedule,
+    NoiseSchedule,
+    ddim_step,
+    dpm_solver_step,
+    euler_step,
+    scale_model_input,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +45,10 @@ class SamplerSettings:
 
     steps: int
     guidance: float
-    scheduler: str  # "ddim" or "dpm++"
+    scheduler: str  # "ddim", "dpm++" or "euler"
     scheduler_config: str  # the pipeline's scheduler_config as sorted JSON
     latent_shape: tuple[int, int, int]  # (C, H, W)
+    zero_null: bool = False  # the unconditional prompt as zeros (SDXL's force_zeros_for_empty_prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,20 +66,21 @@ def initial_noise(seeds: jax.Array, indices: jax.Array, *, shape: tuple[int, int
     return jax.vmap(lambda s, i: jax.random.normal(jax.random.fold_in(jax.random.key(s), i), shape))(seeds, indices)
 
 
-def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond: jax.Array, null: jax.Array) -> jax.Array:
-    """The sampling loop from `latents` [B, C, H, W] under text embeddings `cond` [B, L, D] and `null` [L, D].
+def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond, null) -> jax.Array:
+    """The sampling loop from `latents` [B, C, H, W] (unit noise) under the conditioning `cond` [B, ...] and
+    `null` (one prompt's) of esd_jax.conditioning.
 
     As diffusers' StableDiffusionPipeline: guidance applies when > 1, with the unconditional half first.
     """
     config = json.loads(settings.scheduler_config)
     b = latents.shape[0]
     guided = settings.guidance > 1.0
-    context = jnp.concatenate([jnp.broadcast_to(null, cond.shape), cond]) if guided else cond  # [2B or B, L, D]
+    context = conditioning.concat([conditioning.repeat(null, cond), cond]) if guided else cond  # [2B or B, ...]
 
     def model(x: jax.Array, t: jax.Array) -> jax.Array:
         if not guided:
-            return unet(x, jnp.full((b,), t), context).astype(jnp.float32)
-        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), jnp.full((2 * b,), t), context), 2)
+            return unet(x, jnp.full((b,), t), **context).astype(jnp.float32)
+        e_null, e_cond = jnp.split(unet(jnp.concatenate([x, x]), jnp.full((2 * b,), t), **context), 2)
         e_null, e_cond = e_null.astype(jnp.float32), e_cond.astype(jnp.float32)
         return e_null + settings.guidance * (e_cond - e_null)
 
@@ -82,6 +92,17 @@ def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond: jax.Array
         def body(i, carry):
             x, unused = carry
             return ddim_step(schedule, model(x, timesteps[i]), timesteps[i], prev[i], x), unused
+
+    elif settings.scheduler == "euler":
+        schedule = EulerSchedule.from_config(config)
+        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
+        sigmas = jnp.asarray(schedule.sigmas(settings.steps))
+        latents = latents * schedule.init_noise_sigma(settings.steps)
+
+        def body(i, carry):
+            x, unused = carry
+            eps = model(scale_model_input(sigmas, i, x), timesteps[i])
+            return euler_step(schedule, sigmas, eps, i, x), unused
 
     else:
         schedule = DPMSolverSchedule.from_config(config)
@@ -97,29 +118,30 @@ def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "mesh"))
-def generate_batch(states, cond_ids, null_ids, latents, *, graphdefs, settings: SamplerSettings, mesh: Mesh):
+def generate_batch(states, cond_ids, null_ids, times, latents, *, graphdefs, settings: SamplerSettings, mesh: Mesh):
     """(images [B, H, W, 3] float32 in [0, 1], final latents [B, C, h, w]) for one global batch.
 
-    `states` (unet, text encoder, VAE) are replicated; token ids [B, L] and latents are sharded over the
-    mesh's data axis, and every device samples and decodes its own rows.
+    `states` (unet, VAE, then the text encoders) are replicated; each text encoder's token ids [B, L] and
+    the latents are sharded over the mesh's data axis, and every device samples and decodes its own rows.
+    `times`: SDXL's time ids [6] (None otherwise).
     """
 
-    def local(states, cond_ids, null_ids, latents):
-        unet, text_encoder, vae = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
-        cond = text_encoder(cond_ids)  # [b, L, D]
-        null = text_encoder(null_ids[None])[0]  # [L, D]
-        x = denoise(unet, settings, latents, cond, null)
+    def local(states, cond_ids, null_ids, times, latents):
+        unet, vae, *encoders = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
+        cond = conditioning.encode(tuple(encoders), cond_ids, times)  # [b, ...]
+        null = conditioning.first(conditioning.encode(tuple(encoders), tuple(i[None] for i in null_ids), times))
+        x = denoise(unet, settings, latents, cond, conditioning.zeroed(null) if settings.zero_null else null)
         images = vae.decode(x / vae.scaling_factor).astype(jnp.float32)  # [b, 3, H, W] in [-1, 1]
         return jnp.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1), x
 
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(AXIS), P(), P(AXIS)),
+        in_specs=(P(), P(AXIS), P(), P(), P(AXIS)),
         out_specs=(P(AXIS), P(AXIS)),
         # As in the ESD step: replicated weights meet each device's own rows inside the sampling loop.
         check_vma=False,
-    )(states, cond_ids, null_ids, latents)
+    )(states, cond_ids, null_ids, times, latents)
 
 
 class Sampler:
@@ -154,21 +176,26 @@ class Sampler:
             scheduler=scheduler,
             scheduler_config=json.dumps(pipe.scheduler_config, sort_keys=True),
             latent_shape=pipe.latent_shape(resolution),
+            zero_null=pipe.zero_null,
         )
         # Build the schedule now, so an unsupported config or step count fails before any compiling.
         if scheduler == "ddim":
             NoiseSchedule.from_config(pipe.scheduler_config).timesteps(steps)
+        elif scheduler == "euler":
+            EulerSchedule.from_config(pipe.scheduler_config).sigmas(steps)
         else:
             DPMSolverSchedule.from_config(pipe.scheduler_config).coefficients(steps)
         n = self.mesh.devices.size
         if images is not None:
             batch_size = min(batch_size, max(images, 1))
         self.batch_size = -(-batch_size // n) * n  # a multiple of the device count: every device gets rows
-        self.token_ids = pipe.token_ids
-        modules = (pipe.unet, pipe.text_encoder, pipe.vae)
+        self.prompt_ids = pipe.prompt_ids
+        modules = (pipe.unet, pipe.vae, *pipe.text_encoders)
         self.graphdefs = tuple(nnx.graphdef(m) for m in modules)
         self.states = parallel.place(tuple(nnx.state(m) for m in modules), self.mesh)
-        self.null_ids = parallel.place(self.token_ids([""])[0], self.mesh)
+        self.null_ids = parallel.place(tuple(ids[0] for ids in self.prompt_ids([""])), self.mesh)
+        times = pipe.time_ids(resolution)
+        self.times = None if times is None else parallel.place(times, self.mesh)
 
     def set_unet(self, unet: nnx.Module) -> None:
         """Samples with these UNet weights from now on (the same architecture: nothing recompiles)."""
@@ -205,11 +232,12 @@ class Sampler:
             else:
                 x = np.asarray(latents[start : start + len(chunk)], np.float32)
                 x = self.sharded(np.concatenate([x, np.repeat(x[:1], len(rows) - len(chunk), axis=0)]))
-            ids = self.sharded(self.token_ids([r.prompt for r in rows]))
+            ids = tuple(self.sharded(i) for i in self.prompt_ids([r.prompt for r in rows]))
             out = generate_batch(
                 self.states,
                 ids,
                 self.null_ids,
+                self.times,
                 x,
                 graphdefs=self.graphdefs,
                 settings=self.settings,
@@ -297,9 +325,10 @@ def sample(
     """Images [len(prompts) * num_per_prompt, H, W, 3] uint8, prompt by prompt.
 
     `seeds`: one for all prompts or one per prompt; image i of a prompt starts from the noise
-    normal(fold_in(key(seed), i)), or from `latents` [N, C, h, w] when given. `scheduler` "ddim" or
-    "dpm++" (DPM-Solver++ 2M); `resolution` in pixels (0: the model's native size); `batch_size`
-    images per compiled call over all devices of `mesh` (default: every device).
+    normal(fold_in(key(seed), i)), or from `latents` [N, C, h, w] when given. `scheduler` "ddim",
+    "dpm++" (DPM-Solver++ 2M) or "euler" (diffusers' EulerDiscreteScheduler, SDXL's); `resolution` in
+    pixels (0: the model's native size); `batch_size` images per compiled call over all devices of
+    `mesh` (default: every device).
     """
     images, _ = sample_with_latents(
         pipe,
