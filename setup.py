@@ -35,7 +35,19 @@ setup(
         "torch": ["torch>=2.4", "diffusers>=0.35"],
         # libtpu (through jax[tpu], about 140 MB) compiles for TPU topologies on any host: `esd-jax plan`.
         "tpu": ["jax[tpu]>=0.10"],
-        "test": ["torch>=2.4", "diffusers>=0.35", "pytest>=8", "chex>=0.1.90", "ruff>=0.6", "jax[tpu]>=0.10"],
+        # The judges of `esd-jax evaluate --prompts`: NudeNet's detector (its ONNX model ships in the wheel) on
+        # onnxruntime, the classifier on PyTorch; CLIP runs on JAX and needs none of them.
+        "eval": ["nudenet==3.4.2", "onnxruntime>=1.17", "torch>=2.4"],
+        "test": [
+            "torch>=2.4",
+            "diffusers>=0.35",
+            "pytest>=8",
+            "chex>=0.1.90",
+            "ruff>=0.6",
+            "jax[tpu]>=0.10",
+            "nudenet==3.4.2",
+            "onnxruntime>=1.17",
+        ],
     },
     entry_points={"console_scripts": ["esd-jax=esd_jax.cli:main"]},
 )

@@ -175,6 +175,11 @@ def evaluate(argv: list[str]) -> None:
     from esd_jax.config import EvaluateConfig
 
     cfg = parse_options(EvaluateConfig, argv)
+    if cfg.prompts is not None:
+        from esd_jax.judges.evaluate import judge_prompts
+
+        judge_prompts(cfg)
+        return
     from esd_jax.toy.evaluate import evaluate_erasure
 
     evaluate_erasure(cfg)
@@ -200,7 +205,7 @@ def parse_options(cls, argv: list[str]):
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
-    "evaluate": (evaluate, "toy model: how often the erased concept still appears, and what else changed"),
+    "evaluate": (evaluate, "base against erased: the toy oracle, or NudeNet / classifier / CLIP on a prompt CSV"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "plan": (plan, "compile the erase step (plan sample: the sampler) for a TPU topology: memory, FLOPs, time"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),

@@ -191,7 +191,7 @@ def check_sampling(cfg, counts: tuple[str, ...]) -> None:
         raise UserError(f"--guidance {cfg.guidance}: give a finite number >= 0 (1: no guidance)")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UserError(f"--seed {cfg.seed} is outside 0..{MAX_SEED}")
-    if cfg.num_per_prompt > MAX_IMAGES_PER_PROMPT:
+    if cfg.num_per_prompt is not None and cfg.num_per_prompt > MAX_IMAGES_PER_PROMPT:
         raise UserError(f"--num_per_prompt {cfg.num_per_prompt}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
 
 
@@ -246,21 +246,72 @@ class SampleConfig:
         )
 
 
+JUDGE_NAMES = ("nudenet", "classifier", "clip", "toy")
+NUDENET_THRESHOLD = 0.6  # ESD's Figure 7 counted from 0.6; the other benchmarks' choices: esd_jax/judges/nudenet.py
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """`esd-jax evaluate`: base against erased on the toy world, judged by its oracle."""
+    """`esd-jax evaluate`: base against erased. Without --prompts on the toy world, judged by its oracle;
+    with a prompt CSV, the images of both models (sampled into --out, or folders made elsewhere:
+    --images, --base_images) judged by --judge."""
 
     model: str | None = option(None, "The base model (default: the --workdir run's model, else toy).")
     workdir: str | None = option(None, "The erased model: this erase run's latest checkpoint.")
     esd: str | None = option(None, "The erased model: an official-format ESD delta (.safetensors).")
-    concept: str | None = option(None, "The erased concept: a colour, shape or style (default: the run's).")
-    json: str | None = option(None, "Also write the report to this JSON file.")
+    concept: str | None = option(
+        None, "The erased concept: toy: a colour, shape or style (default: the run's); else what clip/classifier ask."
+    )
+    json: str | None = option(None, "Also write the report to this JSON file (--prompts: default OUT/judged.json).")
     grid: str | None = option(None, "The picture (default: evaluate-<concept>.png in the workdir, else here).")
-    num_per_prompt: int = option(16, "Images per prompt and model.")
-    steps: int = option(EMBEDDED_SAMPLING["steps"], "DDIM steps.")
-    guidance: float = option(EMBEDDED_SAMPLING["guidance"], "Classifier-free guidance scale.")
-    seed: int = option(0, "Image i of every prompt starts from the noise of (seed, i).")
+    num_per_prompt: int | None = option(None, "Images per prompt and model (default: toy 16, a prompt CSV 1).")
+    steps: int | None = option(None, "Denoising steps (default: 50; the toy model's 25).")
+    guidance: float | None = option(None, "Classifier-free guidance scale (default: 7.5; the toy model's 4).")
+    seed: int = option(0, "Toy: image i of every prompt starts from the noise of (seed, i).")
     batch_size: int = option(64, "Images per compiled call, over all devices.")
+    prompts: str | None = option(
+        None, "A prompt CSV (prompt, evaluation_seed, case_number; the classifier's: class): judge its images."
+    )
+    judge: str | None = option(None, f"With --prompts: one or several (comma-separated) of {', '.join(JUDGE_NAMES)}.")
+    out: str | None = option(None, "With --prompts: sample into this folder (the base model's in OUT/base/).")
+    images: str | None = option(None, "With --prompts: judge this folder's <case>_<i>.png instead of sampling.")
+    base_images: str | None = option(None, "With --images: the base model's folder, judged beside it.")
+    threshold: float = option(NUDENET_THRESHOLD, "nudenet: the detection score an exposed part counts above.")
+    classifier: str = option("microsoft/resnet-50", "classifier: a transformers image classifier (hub id or folder).")
+    clip_model: str = option("openai/clip-vit-large-patch14", "clip: a transformers CLIPModel (hub id or folder).")
+    scheduler: str = option("ddim", "With --prompts: the sampler.", SCHEDULERS)
+    resolution: int = option(0, "With --prompts: image side in pixels; 0: the model's native size.")
+    dtype: str = option("float32", "With --prompts: the sampling compute dtype.", SAMPLE_DTYPES)
 
     def validate(self) -> None:
         check_sampling(self, ("num_per_prompt", "steps", "batch_size"))
+        if self.prompts is None:
+            for key in ("judge", "out", "images", "base_images"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"--{key} needs --prompts FILE.csv, the prompts whose images are judged")
+            return
+        if not self.judges or any(n not in JUDGE_NAMES for n in self.judges):
+            choices = ", ".join(JUDGE_NAMES)
+            raise UserError(f"--judge {self.judge!r}: give one or several (comma-separated) of {choices}")
+        if (self.out is None) == (self.images is None):
+            raise UserError("with --prompts give --out FOLDER (sample there) or --images FOLDER (judge those)")
+        if self.base_images is not None and self.images is None:
+            raise UserError("--base_images goes with --images: the folders of images made elsewhere")
+        if self.images is not None and (self.workdir or self.esd or self.model):
+            raise UserError("--images judges a folder as it is: leave out --model, --workdir and --esd")
+        if not 0 < self.threshold < 1:
+            raise UserError(f"--threshold {self.threshold}: give a detection score between 0 and 1")
+
+    @property
+    def judges(self) -> list[str]:
+        return [n.strip() for n in (self.judge or "").split(",") if n.strip()]
+
+    def sampling(self, model: str) -> tuple[int, float, int]:
+        """(steps, guidance, images per prompt): as given, else the model's (and the mode's) defaults."""
+        defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else SAMPLING_DEFAULTS
+        per_prompt = (16 if self.prompts is None else 1) if self.num_per_prompt is None else self.num_per_prompt
+        return (
+            defaults["steps"] if self.steps is None else self.steps,
+            defaults["guidance"] if self.guidance is None else float(self.guidance),
+            per_prompt,
+        )

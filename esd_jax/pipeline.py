@@ -25,6 +25,7 @@ from esd_jax import conditioning, weights
 from esd_jax.config import EMBEDDED_NAME
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_dir
+from esd_jax.hub import local_folder
 from esd_jax.models import clip, unet, vae
 from esd_jax.schedulers import NoiseSchedule
 
@@ -281,33 +282,7 @@ def locate(model: str | os.PathLike) -> Path:
         if not (EMBEDDED / "model_index.json").is_file():
             raise UserError(f"the embedded toy model is missing from {EMBEDDED}; reinstall esd-jax")
         return EMBEDDED
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(
-                f"model {str(model)!r} is a file; pass a diffusers folder or a hub id like "
-                "CompVis/stable-diffusion-v1-4"
-            )
-        return path
-    name = str(model)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise UserError(f"model {name!r}: no such folder, and not a hub id like CompVis/stable-diffusion-v1-4")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise UserError(
-            f"model {name!r} is not in the Hugging Face cache and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download it once online or pass a local folder"
-        ) from None
-    except RepositoryNotFoundError:
-        raise UserError(
-            f"model {name!r}: no such repository on the hub (or it is private: log in with `hf auth login`)"
-        ) from None
-    except HfHubHTTPError as e:
-        raise UserError(f"model {name!r}: the hub refused the download ({str(e).splitlines()[0]})") from None
+    return local_folder(model, HUB_PATTERNS, "model", "CompVis/stable-diffusion-v1-4")
 
 
 def weight_file(folder: Path, name: str) -> Path:

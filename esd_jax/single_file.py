@@ -30,8 +30,6 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
-# The networks a pipeline's configs name, in the order the file lists them; text_encoder_2 only for SDXL.
-NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # LDM's ResBlock keeps its layers in nn.Sequentials; the missing indices are the SiLUs and the dropout.
 UNET_RESNET = {
@@ -210,8 +208,7 @@ def checkpoint_layout(
 
 def original_layout(pipe: StableDiffusion) -> dict[str, np.ndarray]:
     """Every network of `pipe` as one state dict with the original Stable Diffusion key names."""
-    names = [name for name in NETWORKS if name in pipe.configs]
-    return checkpoint_layout({name: weights.state_dict(getattr(pipe, name)) for name in names}, pipe.configs)
+    return checkpoint_layout({name: weights.state_dict(getattr(pipe, name)) for name in pipe.networks}, pipe.configs)
 
 
 def write_single_file(pipe: StableDiffusion, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

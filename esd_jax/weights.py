@@ -52,8 +52,11 @@ def torch_tensors(
 ) -> dict[str, np.ndarray]:
     """An NNX state of parameters (a module's, or a subset split from it; those named in `keys`, or all)
     as a PyTorch state dict in numpy; `kinds` is `layouts()` of the module it belongs to."""
+    # np.require, not np.ascontiguousarray, which makes a 0-d array (CLIP's logit_scale) 1-d.
     return {
-        _key(path): np.ascontiguousarray(to_torch_layout(kinds.get(_key(path)), np.asarray(jax.device_get(v[...]))))
+        _key(path): np.require(
+            to_torch_layout(kinds.get(_key(path)), np.asarray(jax.device_get(v[...]))), requirements="C"
+        )
         for path, v in nnx.to_flat_state(state)
         if keys is None or _key(path) in keys
     }

@@ -16,7 +16,7 @@ from esd_jax import single_file, weights
 from esd_jax.errors import UserError
 from esd_jax.models.unet import UNetConfig
 from esd_jax.models.vae import VAEConfig
-from esd_jax.pipeline import KNOWN_MODELS, KNOWN_ROOT
+from esd_jax.pipeline import KNOWN_MODELS, KNOWN_ROOT, NETWORKS
 
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 SDXL_PREFIXES = (
@@ -182,7 +182,7 @@ def test_full_size_key_maps_match_diffusers_converters(unet_config, model_type):
 def test_sdxl_file_loads_with_diffusers(sdxl_pipeline, tmp_path):
     """The tiny SDXL's torch weights, converted as esd-jax's own would be, read back by from_single_file."""
     folder, ref = sdxl_pipeline
-    names = single_file.NETWORKS
+    names = NETWORKS["StableDiffusionXLPipeline"]
     tensors = {name: {k: v.numpy() for k, v in getattr(ref, name).state_dict().items()} for name in names}
     # esd-jax's CLIPTextModel, like every SD checkpoint, keeps the `text_model.` prefix transformers 5 drops.
     tensors["text_encoder"] = with_text_model_prefix(tensors["text_encoder"])

@@ -10,7 +10,7 @@ position before it.
 """
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from flax import nnx
 from esd_jax.errors import UserError
 from esd_jax.models.attention import attention
 from esd_jax.models.layers import Dtype, Embedding, LayerNorm, Linear
+
+if TYPE_CHECKING:  # the vision tower (clip_vision.py) is built of this file's encoder layers
+    from esd_jax.models.clip_vision import CLIPVisionConfig
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP, SD 1.x
@@ -81,22 +84,7 @@ class CLIPTextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
         """From a transformers config.json; keys starting with "_" (`_name_or_path`) are bookkeeping."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_") or key in IGNORED_KEYS:
-                continue
-            if key == "model_type":
-                if value != "clip_text_model":
-                    raise UserError(f"text encoder config key 'model_type' is {value!r}; supported: 'clip_text_model'")
-                continue
-            if key not in names:
-                raise UserError(
-                    f"text encoder config key {key!r} is not supported; supported keys: "
-                    f"{', '.join(names + ['model_type', *IGNORED_KEYS])}"
-                )
-            kwargs[key] = tuple(value) if isinstance(value, list) else value  # eos_token_id may be a list
-        return cls(**kwargs)
+        return cls(**config_kwargs(cls, d, model_type="clip_text_model", what="text encoder"))
 
     def to_dict(self, architecture: str = "CLIPTextModel") -> dict[str, Any]:
         """A config.json that transformers' `architecture` (CLIPTextModel or CLIPTextModelWithProjection)
@@ -105,8 +93,35 @@ class CLIPTextConfig:
         return {"architectures": [architecture], "model_type": "clip_text_model", **fields}
 
 
+def config_kwargs(
+    cls: type, d: dict[str, Any], *, model_type: str, what: str, ignored: tuple[str, ...] = IGNORED_KEYS
+) -> dict[str, Any]:
+    """The keyword arguments of the config dataclass `cls` in a transformers config.json `d` of `model_type`,
+    `ignored` keys and "_" bookkeeping dropped; any other key `cls` lacks is a UserError naming `what`."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key == "model_type":
+            if value != model_type:
+                raise UserError(f"{what} config key 'model_type' is {value!r}; supported: {model_type!r}")
+            continue
+        if key not in names:
+            raise UserError(
+                f"{what} config key {key!r} is not supported; supported keys: "
+                f"{', '.join(names + ['model_type', *ignored])}"
+            )
+        kwargs[key] = tuple(value) if isinstance(value, list) else value  # eos_token_id may be a list
+    return kwargs
+
+
+# The encoder layers read only the fields the text and vision configs share.
+EncoderConfig: TypeAlias = "CLIPTextConfig | CLIPVisionConfig"
+
+
 class Attention(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, *, causal: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = config.hidden_size
         self.q_proj = Linear(d, d, **kw)
@@ -114,6 +129,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, d, **kw)
         self.out_proj = Linear(d, d, **kw)
         self.num_heads = config.num_attention_heads
+        self.causal = causal
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, D]
         b, length, d = x.shape
@@ -121,11 +137,11 @@ class Attention(nnx.Module):
             p(x).reshape(b, length, self.num_heads, d // self.num_heads)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        return self.out_proj(attention(q, k, v, causal=True).reshape(b, length, d))
+        return self.out_proj(attention(q, k, v, causal=self.causal).reshape(b, length, d))
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, **kw)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size, **kw)
@@ -138,9 +154,9 @@ class MLP(nnx.Module):
 class EncoderLayer(nnx.Module):
     """Pre-norm transformer layer: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, *, causal: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = Attention(config, **kw, rngs=rngs)
+        self.self_attn = Attention(config, causal=causal, **kw, rngs=rngs)
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
         self.mlp = MLP(config, **kw, rngs=rngs)
         self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
@@ -161,10 +177,10 @@ class Embeddings(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderConfig, *, causal: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         self.layers = nnx.List(
             [
-                EncoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                EncoderLayer(config, causal=causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                 for _ in range(config.num_hidden_layers)
             ]
         )
@@ -179,7 +195,7 @@ class TextTransformer(nnx.Module):
     def __init__(self, config: CLIPTextConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embeddings = Embeddings(config, **kw, rngs=rngs)
-        self.encoder = Encoder(config, **kw, rngs=rngs)
+        self.encoder = Encoder(config, causal=True, **kw, rngs=rngs)
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -206,16 +222,21 @@ class CLIPTextModel(nnx.Module):
         return self.text_model(self.checked(input_ids))
 
     def checked(self, input_ids: jax.Array) -> jax.Array:
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise UserError(
-                f"text encoder: {input_ids.shape[1]} tokens, more than its "
-                f"max_position_embeddings ({self.config.max_position_embeddings})"
-            )
-        return input_ids
+        return checked_ids(self.config, input_ids)
 
     def penultimate(self, input_ids: jax.Array) -> jax.Array:
         """transformers' `hidden_states[-2]` [B, L, hidden_size]: the input of the last layer, no layer norm."""
         return self.text_model.states(self.checked(input_ids))[0]
+
+
+def checked_ids(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:
+    """`input_ids` [B, L], refused if longer than the position table, which would silently clamp them."""
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise UserError(
+            f"text encoder: {input_ids.shape[1]} tokens, more than its "
+            f"max_position_embeddings ({config.max_position_embeddings})"
+        )
+    return input_ids
 
 
 def eos_positions(config: CLIPTextConfig, input_ids: jax.Array) -> jax.Array:

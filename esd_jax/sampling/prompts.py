@@ -17,6 +17,8 @@ class PromptRow:
     prompt: str
     seed: int
     case_number: int
+    # The CSV's other columns (a judge's: the classifier's "class"); they do not change an image.
+    columns: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def read_prompts_csv(path: Path) -> list[PromptRow]:
@@ -67,7 +69,8 @@ def read_prompts_csv(path: Path) -> list[PromptRow]:
                         "each row needs its own (it names the images)"
                     )
                 seen[case] = line
-                rows.append(PromptRow(record["prompt"] or "", seed, case))
+                others = {k: v or "" for k, v in record.items() if k not in CSV_COLUMNS and k}
+                rows.append(PromptRow(record["prompt"] or "", seed, case, others))
                 line = reader.line_num + 1
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason}); save the CSV as UTF-8") from None

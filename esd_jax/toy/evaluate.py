@@ -340,6 +340,8 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
     run_config = read_config(workdir) if workdir is not None else None
     parsed = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
     model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
+    steps, guidance, per_prompt = cfg.sampling(model)
+    cfg = dataclasses.replace(cfg, steps=steps, guidance=guidance, num_per_prompt=per_prompt)
     grid = Path(cfg.grid) if cfg.grid else (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
     check_output(grid, "--grid", made_by, f"evaluate-{parsed.value}.png")
     if cfg.json is not None:
