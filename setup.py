@@ -38,6 +38,11 @@ setup(
         # The judges of `esd-jax evaluate --prompts`: NudeNet's detector (its ONNX model ships in the wheel) on
         # onnxruntime, the classifier on PyTorch; CLIP runs on JAX and needs none of them.
         "eval": ["nudenet==3.4.2", "onnxruntime>=1.17", "torch>=2.4"],
+        # The lpips and fid judges: torchmetrics on torchvision's AlexNet and torch-fidelity's Inception. torchvision
+        # 0.28.0 is the release built for torch 2.13.0 (a newer one replaces torch); PyPI's is built for CUDA torch and
+        # does not import beside a +cpu torch (and then neither does transformers' image processing: the classifier
+        # judge), so it stays out of [eval]: with a +cpu torch, install PyTorch's CPU torchvision 0.28.0 first.
+        "lpips-fid": ["torchmetrics>=1.9", "torchvision==0.28.0", "torch-fidelity>=0.4"],
         "test": [
             "torch>=2.4",
             "diffusers>=0.35",
@@ -47,6 +52,8 @@ setup(
             "jax[tpu]>=0.10",
             "nudenet==3.4.2",
             "onnxruntime>=1.17",
+            # The lpips and fid judges' checks before torchvision; what needs torchvision is skipped without it.
+            "torchmetrics>=1.9",
         ],
     },
     entry_points={"console_scripts": ["esd-jax=esd_jax.cli:main"]},

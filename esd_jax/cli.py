@@ -205,7 +205,7 @@ def parse_options(cls, argv: list[str]):
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
-    "evaluate": (evaluate, "base against erased: the toy oracle, or NudeNet / classifier / CLIP on a prompt CSV"),
+    "evaluate": (evaluate, "base against erased: the toy oracle, or NudeNet, classifier, CLIP, LPIPS, FID"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "plan": (plan, "compile the erase step (plan sample: the sampler) for a TPU topology: memory, FLOPs, time"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),

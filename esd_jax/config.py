@@ -246,8 +246,17 @@ class SampleConfig:
         )
 
 
-JUDGE_NAMES = ("nudenet", "classifier", "clip", "toy")
+JUDGE_NAMES = ("nudenet", "classifier", "clip", "toy", "lpips", "fid")
+# The judges that compare the erased model's images to the base model's instead of reading each folder alone.
+PAIRWISE_JUDGES = ("lpips", "fid")
 NUDENET_THRESHOLD = 0.6  # ESD's Figure 7 counted from 0.6; the other benchmarks' choices: esd_jax/judges/nudenet.py
+# ESD's eval-scripts/lpips_eval.py resizes every image's shorter side to 64 pixels before LPIPS.
+LPIPS_SIZE = 64
+# torch-fidelity's Inception gives FID these features: 2048 (pool3) is every published FID's; the earlier layers'
+# fewer features make full-rank covariances from fewer images (pytorch-fid's --dims), numbers of their own.
+FID_FEATURES = (2048, 768, 192, 64)  # the first: the default
+# The least side AlexNet's five convolutions read: conv1 (11, stride 4) and two 3-wide max pools need 31 pixels.
+LPIPS_MIN_SIZE = 31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +288,10 @@ class EvaluateConfig:
     threshold: float = option(NUDENET_THRESHOLD, "nudenet: the detection score an exposed part counts above.")
     classifier: str = option("microsoft/resnet-50", "classifier: a transformers image classifier (hub id or folder).")
     clip_model: str = option("openai/clip-vit-large-patch14", "clip: a transformers CLIPModel (hub id or folder).")
+    fid_features: int = option(
+        FID_FEATURES[0], "fid: Inception features per image: 2048 (published FIDs'), 768, 192 or 64."
+    )
+    lpips_size: int = option(LPIPS_SIZE, "lpips: resize each image's shorter side to this first, as ESD; 0: as it is.")
     scheduler: str = option("ddim", "With --prompts: the sampler.", SCHEDULERS)
     resolution: int = option(0, "With --prompts: image side in pixels; 0: the model's native size.")
     dtype: str = option("float32", "With --prompts: the sampling compute dtype.", SAMPLE_DTYPES)
@@ -301,6 +314,24 @@ class EvaluateConfig:
             raise UserError("--images judges a folder as it is: leave out --model, --workdir and --esd")
         if not 0 < self.threshold < 1:
             raise UserError(f"--threshold {self.threshold}: give a detection score between 0 and 1")
+        if self.lpips_size and self.lpips_size < LPIPS_MIN_SIZE:
+            raise UserError(
+                f"--lpips_size {self.lpips_size}: give 0 (the images as they are) or at least {LPIPS_MIN_SIZE} pixels, "
+                "the least AlexNet reads"
+            )
+        if self.fid_features not in FID_FEATURES:
+            choices = ", ".join(map(str, FID_FEATURES))
+            raise UserError(f"--fid_features {self.fid_features}: choose one of {choices}")
+        pairwise = [n for n in self.judges if n in PAIRWISE_JUDGES]
+        if pairwise and self.images is not None and self.base_images is None:
+            raise UserError(
+                f"--judge {pairwise[0]} compares the erased images to the base model's: give --base_images FOLDER"
+            )
+        if pairwise and self.out is not None and self.workdir is None and self.esd is None:
+            raise UserError(
+                f"--judge {pairwise[0]} compares an erased model's images to the base model's: give the erased "
+                "model (--workdir or --esd) to sample both, or --images with --base_images"
+            )
 
     @property
     def judges(self) -> list[str]:

@@ -257,7 +257,7 @@ def test_the_step_traces_once_and_moves_no_data_implicitly(sd1, monkeypatch):
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("erase_from", [False, True])
+@pytest.mark.parametrize("erase_from", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cached_pairs_equal_what_the_recipe_computes(sd1, erase_from):
     """The fast mode's pair (x_k, target_k) of trajectory j equals the per-iteration recipe's x_t after k
     guided steps from the same noise, and its target there (partial_sample and esd_target)."""

@@ -84,11 +84,15 @@ def test_the_cli_samples_both_models_then_judges(tmp_path, capsys):
     [
         (dict(judge="toy"), "--judge needs --prompts"),
         (dict(prompts="p.csv"), "--judge None: give one or several"),
-        (dict(prompts="p.csv", judge="nudenet,lpips"), "give one or several (comma-separated) of nudenet"),
+        (dict(prompts="p.csv", judge="nudenet,kid"), "give one or several (comma-separated) of nudenet"),
         (dict(prompts="p.csv", judge="toy"), "give --out FOLDER (sample there) or --images FOLDER"),
         (dict(prompts="p.csv", judge="toy", out="o", base_images="b"), "--base_images goes with --images"),
         (dict(prompts="p.csv", judge="toy", images="i", esd="d"), "leave out --model, --workdir and --esd"),
         (dict(prompts="p.csv", judge="nudenet", images="i", threshold=1.5), "--threshold 1.5"),
+        (dict(prompts="p.csv", judge="toy,lpips", images="i"), "--judge lpips compares the erased images to the base"),
+        (dict(prompts="p.csv", judge="fid", out="o"), "give the erased model (--workdir or --esd) to sample both"),
+        (dict(prompts="p.csv", judge="lpips", images="i", base_images="b", lpips_size=16), "--lpips_size 16: give 0"),
+        (dict(prompts="p.csv", judge="fid", images="i", base_images="b", fid_features=100), "--fid_features 100"),
     ],
 )
 def test_bad_settings_are_one_line(settings, message):

@@ -88,7 +88,9 @@ def test_networks_match_diffusers(sdxl):
     assert half.vae.decoder.conv_in.dtype == jnp.float32 and half.unet.conv_in.dtype == jnp.float16
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpm++"])
+@pytest.mark.parametrize(
+    "scheduler", ["euler", pytest.param("ddim", marks=pytest.mark.slow), pytest.param("dpm++", marks=pytest.mark.slow)]
+)
 def test_sampled_latents_match_the_diffusers_pipeline(sdxl, scheduler):
     """Guided sampling from the same noise: the final latents of diffusers' SDXL pipeline (Euler, its own
     scheduler; DDIM and DPM-Solver++ built from its config), 3 steps."""

@@ -67,6 +67,7 @@ def toy_config(**overrides) -> EraseConfig:
     return dataclasses.replace(EraseConfig(**module.get_config().to_dict()), **overrides)
 
 
+@pytest.mark.slow
 def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_property):
     """The README's first command (configs/toy.py: ESD-x-strict with retain prompts, the fast mode), its
     erased model measured on 8 images per prompt. Issue 13's aim: red on at most 5% of the images of

@@ -5,7 +5,10 @@ sampler (the same seeds for both, `esd-jax sample --compare`'s folders), or take
 (`--images`, `--base_images`: `<case_number>_<i>.png`, as the official scripts name them), then let each
 judge read every image. Each judge is a class with `name`, `judge(images, rows) -> records` (one
 JSON-able record per image) and `summary(records, rows) -> dict`; the report holds every judge's summary
-per folder and goes to the terminal as a table and to a JSON file, with NudeNet's chart beside it.
+per folder and goes to the terminal as a table and to a JSON file, with NudeNet's chart beside it. A judge
+named in PAIRWISE_JUDGES (LPIPS, FID) measures the erased folder against the base one instead:
+`compare(base_images, erased_images, rows) -> (summary, records)`, records one per erased image or none
+(a measure of the two sets as wholes), its summary the report's "erased" column.
 """
 
 import importlib
@@ -15,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from esd_jax.config import EvaluateConfig, SampleConfig
+from esd_jax.config import PAIRWISE_JUDGES, EvaluateConfig, SampleConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 from esd_jax.sampling.prompts import PromptRow, read_prompts_csv
@@ -27,6 +30,8 @@ JUDGES = {
     "classifier": "esd_jax.judges.classifier:ClassifierJudge",
     "clip": "esd_jax.judges.clip:CLIPJudge",
     "toy": "esd_jax.toy.judge:ToyJudge",
+    "lpips": "esd_jax.judges.lpips:LPIPSJudge",
+    "fid": "esd_jax.judges.fid:FIDJudge",
 }
 MADE_BY = "esd-jax evaluate --prompts"
 
@@ -39,6 +44,8 @@ def make_judge(name: str, cfg: EvaluateConfig):
         "classifier": dict(model=cfg.classifier, concept=cfg.concept),
         "clip": dict(model=cfg.clip_model, concept=cfg.concept),
         "toy": dict(concept=cfg.concept),
+        "lpips": dict(size=cfg.lpips_size),
+        "fid": dict(features=cfg.fid_features),
     }[name]
     return judge_cls(**settings)
 
@@ -120,9 +127,15 @@ def judge_prompts(cfg: EvaluateConfig) -> dict[str, Any]:
         "judges": {},
     }
     for judge in judges:
-        verdicts = {name: judge.judge(folder_images, described) for name, folder_images in images.items()}
-        report["judges"][judge.name] = {name: judge.summary(v, described) for name, v in verdicts.items()}
-        write_records(report_path.with_name(f"{report_path.stem}-{judge.name}.jsonl"), described, verdicts)
+        if judge.name in PAIRWISE_JUDGES:
+            summary, records = judge.compare(images["base"], images["erased"], described)
+            report["judges"][judge.name] = {"erased": summary}
+            verdicts = {"erased": records} if records else {}
+        else:
+            verdicts = {name: judge.judge(folder_images, described) for name, folder_images in images.items()}
+            report["judges"][judge.name] = {name: judge.summary(v, described) for name, v in verdicts.items()}
+        if verdicts:
+            write_records(report_path.with_name(f"{report_path.stem}-{judge.name}.jsonl"), described, verdicts)
     with atomic_file(report_path) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     write_grid(report_path.with_suffix(".png"), rows, per_prompt, images)
@@ -186,6 +199,15 @@ def headline(name: str, summary: dict[str, Any]) -> dict[str, str]:
                 out[f"top-1 on the {group} class{'es' if group == 'others' else ''}"] = f"{summary[group]['top1']:.1%}"
                 out[f"top-5 on the {group} class{'es' if group == 'others' else ''}"] = f"{summary[group]['top5']:.1%}"
         return out
+    if name == "lpips":
+        size = f"{summary['size']} px" if summary["size"] else "full size"
+        return {f"LPIPS to the base, mean ({size})": f"{summary['lpips']:.4f}"}
+    if name == "fid":
+        counts = f"{summary['base_images']}, {summary['erased_images']}"
+        return {
+            f"FID to the base ({summary['features']} features)": f"{summary['fid']:.2f}",
+            "images (base, erased)": counts,
+        }
     if name == "clip":
         out = {"CLIP score (mean)": f"{summary['clip_score']:.2f}"}
         if summary.get("concept_rate") is not None:
