@@ -142,3 +142,15 @@ def test_missing_torch_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(UserError, match=r'pip install -e "\.\[eval\]"'):
         ClassifierJudge()
+
+
+def test_a_csv_without_classes_is_refused_before_any_image_is_read(folder, tmp_path):
+    from esd_jax.config import EvaluateConfig
+    from esd_jax.judges.evaluate import judge_prompts
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a photo of a tench,1\n")
+    (tmp_path / "empty").mkdir()  # no images at all: the class column is what it must refuse first
+    cfg = EvaluateConfig(prompts=str(csv), judge="classifier", classifier=str(folder), images=str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no column 'class'"):
+        judge_prompts(cfg)

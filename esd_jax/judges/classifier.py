@@ -82,6 +82,9 @@ class ClassifierJudge:
         self.k = min(TOP_K, len(self.id2label))
         self.concept = concept
 
+    def check_rows(self, rows: list[dict[str, Any]]) -> None:
+        self.class_ids(rows)
+
     def class_ids(self, rows: list[dict[str, Any]]) -> dict[str, frozenset[int]]:
         """Each row class's label ids; a row without a class, or a class no label lists, is an error.
         Cheap, so a caller can check a prompt file before it samples a single image."""

@@ -4,7 +4,8 @@ One flow for every real-model judge: sample the CSV's prompts once per model wit
 sampler (the same seeds for both, `esd-jax sample --compare`'s folders), or take folders made elsewhere
 (`--images`, `--base_images`: `<case_number>_<i>.png`, as the official scripts name them), then let each
 judge read every image. Each judge is a class with `name`, `judge(images, rows) -> records` (one
-JSON-able record per image) and `summary(records, rows) -> dict`; the report holds every judge's summary
+JSON-able record per image) and `summary(records, rows) -> dict`, and may have `check_rows(rows)`, which
+refuses a CSV it cannot judge before anything is sampled; the report holds every judge's summary
 per folder and goes to the terminal as a table and to a JSON file, with NudeNet's chart beside it. A judge
 named in PAIRWISE_JUDGES (LPIPS, FID) measures the erased folder against the base one instead:
 `compare(base_images, erased_images, rows) -> (summary, records)`, records one per erased image or none
@@ -108,6 +109,9 @@ def judge_prompts(cfg: EvaluateConfig) -> dict[str, Any]:
     rows = read_prompts_csv(Path(cfg.prompts))
     per_prompt = cfg.sampling(cfg.model or "")[2]
     judges = [make_judge(name, cfg) for name in cfg.judges]  # a missing dependency or model fails first
+    described = image_rows(rows, per_prompt)
+    for judge in judges:  # and a CSV a judge cannot read (the classifier's class column), before any sampling
+        getattr(judge, "check_rows", lambda rows: None)(described)
     report_path = Path(cfg.json) if cfg.json else Path(cfg.out or cfg.images) / "judged.json"
     check_report(report_path)
     if cfg.images is not None:
@@ -116,7 +120,6 @@ def judge_prompts(cfg: EvaluateConfig) -> dict[str, Any]:
             folders = {"base": Path(cfg.base_images), **folders}
     else:
         folders = sampled_folders(cfg, per_prompt)
-    described = image_rows(rows, per_prompt)
     images = {name: read_folder(folder, described) for name, folder in folders.items()}
     report = {
         "made_by": MADE_BY,
