@@ -17,13 +17,17 @@ import numpy as np
 
 from esd_jax.errors import UserError
 
-# DDIMScheduler's defaults for keys a scheduler_config of another class (SD 1.4's PNDM) may lack.
-DEFAULTS = dict(
+# The training schedule's defaults, the same in every diffusers scheduler here.
+TRAIN_DEFAULTS = dict(
     num_train_timesteps=1000,
     beta_start=0.0001,
     beta_end=0.02,
     beta_schedule="linear",
     trained_betas=None,
+)
+# DDIMScheduler's defaults for keys a scheduler_config of another class (SD 1.4's PNDM) may lack.
+DEFAULTS = dict(
+    **TRAIN_DEFAULTS,
     clip_sample=True,
     clip_sample_range=1.0,
     set_alpha_to_one=True,
@@ -180,11 +184,7 @@ def ddim_step(
 # DPMSolverMultistepScheduler's defaults: DPM-Solver++ (2M), as `DPMSolverMultistepScheduler.from_config(
 # pipe.scheduler.config)` builds it from a config of another class.
 DPM_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
+    **TRAIN_DEFAULTS,
     solver_order=2,
     prediction_type="epsilon",
     thresholding=False,
@@ -331,11 +331,7 @@ def dpm_solver_step(
 # it from a config of another class. sigma_min and sigma_max are absent: diffusers reads them only to
 # bound the Karras, exponential and beta sigmas, which are refused here.
 EULER_DEFAULTS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    trained_betas=None,
+    **TRAIN_DEFAULTS,
     prediction_type="epsilon",
     interpolation_type="linear",
     use_karras_sigmas=False,
