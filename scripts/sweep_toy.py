@@ -312,7 +312,9 @@ def main() -> None:
     args = parse_args()
     concept = ev.parse_concept(args.concept)
     base_config = {**toy_config(), "concept": args.prompts or concept.value}
-    settings = [EvaluateConfig(num_per_prompt=args.num_per_prompt, seed=seed) for seed in args.eval_seeds]
+    settings = [
+        ev.toy_settings(EvaluateConfig(num_per_prompt=args.num_per_prompt, seed=seed)) for seed in args.eval_seeds
+    ]
     prompts = ev.prompts_for(concept)
     pipe = load_pipeline(base_config["model"])
     ev.check_vocabulary(pipe, prompts)

@@ -83,7 +83,7 @@ def test_short_erase_removes_red_and_keeps_the_other_colours(tmp_path, record_pr
     cfg = dataclasses.replace(cfg, batch_per_device=4 // jax.device_count())
     erased = esd_jax.load_pipeline("toy")
     apply_delta(erased, erase(cfg))
-    concept, settings = ev.parse_concept("red"), EvaluateConfig(num_per_prompt=8)
+    concept, settings = ev.parse_concept("red"), ev.toy_settings(EvaluateConfig(num_per_prompt=8))
     prompts = ev.prompts_for(concept)
     sampler = Sampler(erased, steps=settings.steps, guidance=settings.guidance, batch_size=settings.batch_size)
     measured = ev.measure(concept, prompts, ev.sample_prompts(sampler, prompts, settings))

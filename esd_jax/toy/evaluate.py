@@ -178,9 +178,16 @@ def evaluation_sampler(pipe: StableDiffusion, settings: EvaluateConfig, prompts:
     )
 
 
+def toy_settings(settings: EvaluateConfig) -> EvaluateConfig:
+    """`settings` with the toy model's sampling defaults where they are left to the model (None)."""
+    steps, guidance, per_prompt = settings.sampling(EMBEDDED_NAME)
+    return dataclasses.replace(settings, steps=steps, guidance=guidance, num_per_prompt=per_prompt)
+
+
 def quality(pipe: StableDiffusion, settings: EvaluateConfig) -> dict[str, Any]:
     """The quality gate: over the 12 "a {colour} {shape}" prompts, how often the oracle reads the
     prompt's colour and shape, and what it read for each prompted shape (counts, "none" included)."""
+    settings = toy_settings(settings)
     prompts = [f"a {c} {s}" for c in world.COLOURS for s in world.SHAPES]
     asked = np.array([text.split()[1:] for text in prompts]).repeat(settings.num_per_prompt, axis=0)
     sampler = evaluation_sampler(pipe, settings, len(prompts))
@@ -229,7 +236,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Samples every prompt of `concept`'s groups with the base pipeline and, if given, with the erased UNet
     (an nnx module of the same architecture); writes the picture to `grid`; returns the report (`report`)."""
-    settings = EvaluateConfig() if settings is None else settings
+    settings = toy_settings(EvaluateConfig() if settings is None else settings)
     prompts = prompts_for(concept)
     check_model(pipe, prompts)
     sampler = evaluation_sampler(pipe, settings, len(prompts))
