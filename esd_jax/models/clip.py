@@ -70,16 +70,7 @@ class CLIPTextConfig:
     eos_token_id: int | tuple[int, ...] = 49407
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise UserError(
-                f"text encoder config key 'hidden_act' is {self.hidden_act!r}; supported: "
-                f"{', '.join(map(repr, ACTIVATIONS))}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(
-                f"text encoder config key 'hidden_size' ({self.hidden_size}) must be a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
+        check_encoder(self, "text encoder")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPTextConfig":
@@ -91,6 +82,19 @@ class CLIPTextConfig:
         reads back to the same model."""
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
         return {"architectures": [architecture], "model_type": "clip_text_model", **fields}
+
+
+def check_encoder(config, what: str) -> None:
+    """What the text and vision towers' configs both need: a known activation, heads dividing the width."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise UserError(
+            f"{what} config key 'hidden_act' is {config.hidden_act!r}; supported: {', '.join(map(repr, ACTIVATIONS))}"
+        )
+    if config.hidden_size % config.num_attention_heads:
+        raise UserError(
+            f"{what} config key 'hidden_size' ({config.hidden_size}) must be a multiple of "
+            f"num_attention_heads ({config.num_attention_heads})"
+        )
 
 
 def config_kwargs(

@@ -102,16 +102,7 @@ class CLIPVisionConfig:
                 raise UserError(f"vision encoder config key {field.name!r} is {v!r}; expected a positive int")
         if not (isinstance(self.layer_norm_eps, int | float) and self.layer_norm_eps > 0):
             raise UserError(f"vision encoder config key 'layer_norm_eps' is {self.layer_norm_eps!r}; expected > 0")
-        if self.hidden_act not in clip.ACTIVATIONS:
-            raise UserError(
-                f"vision encoder config key 'hidden_act' is {self.hidden_act!r}; supported: "
-                f"{', '.join(map(repr, clip.ACTIVATIONS))}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(
-                f"vision encoder config key 'hidden_size' ({self.hidden_size}) must be a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
+        clip.check_encoder(self, "vision encoder")
         if self.patch_size > self.image_size:
             raise UserError(
                 f"vision encoder config key 'patch_size' ({self.patch_size}) is larger than image_size "
