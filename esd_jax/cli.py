@@ -185,6 +185,23 @@ def evaluate(argv: list[str]) -> None:
     evaluate_erasure(cfg)
 
 
+def attack(argv: list[str]) -> None:
+    from esd_jax.config import AttackConfig
+
+    cfg = parse_options(AttackConfig, argv)
+    from esd_jax.attack.folder import attack_to_folder
+
+    if cfg.prompts is not None:
+        from esd_jax.sampling.prompts import read_prompts_csv
+
+        rows = read_prompts_csv(Path(cfg.prompts))
+    else:
+        from esd_jax.toy.evaluate import attack_rows
+
+        cfg, rows = attack_rows(cfg)
+    attack_to_folder(cfg, rows)
+
+
 def parse_options(cls, argv: list[str]):
     """One flag per field of the config dataclass `cls` (its default and help declared there, once);
     returns the validated config."""
@@ -206,6 +223,7 @@ def parse_options(cls, argv: list[str]):
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
     "evaluate": (evaluate, "base against erased: the toy oracle, or NudeNet, classifier, CLIP, LPIPS, FID"),
+    "attack": (attack, "adversarial prompts against an erased model: how much of the concept they bring back"),
     "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
     "plan": (plan, "compile the erase step (plan sample: the sampler) for a TPU topology: memory, FLOPs, time"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),

@@ -23,11 +23,17 @@ def time_ids(resolution: int) -> np.ndarray:
     return np.asarray([resolution, resolution, 0, 0, resolution, resolution], np.float32)
 
 
-def encode(text_encoders: tuple[nnx.Module, ...], ids: tuple[jax.Array, ...], times: jax.Array | None) -> Conditioning:
+def encode(
+    text_encoders: tuple[nnx.Module, ...],
+    ids: tuple[jax.Array, ...],
+    times: jax.Array | None,
+    prefix: jax.Array | None = None,
+) -> Conditioning:
     """The conditioning of prompts whose token ids for each text encoder are `ids` ([n, L] each); `times`
-    [6] are SDXL's time ids (None for SD 1.x/2.x)."""
+    [6] are SDXL's time ids (None for SD 1.x/2.x). `prefix` [n, k, D] (SD 1.x/2.x): token embeddings in
+    place of the k after the first, ids made room for by `with_slots`."""
     if len(text_encoders) == 1:
-        return {"encoder_hidden_states": text_encoders[0](ids[0])}
+        return {"encoder_hidden_states": text_encoders[0](ids[0], prefix)}
     first, second = text_encoders
     hidden_2, text_embeds = second.penultimate_and_text_embeds(ids[1])
     return {
@@ -35,6 +41,17 @@ def encode(text_encoders: tuple[nnx.Module, ...], ids: tuple[jax.Array, ...], ti
         "text_embeds": text_embeds,
         "time_ids": jnp.broadcast_to(times, (ids[0].shape[0], times.shape[-1])),
     }
+
+
+def with_slots(ids: np.ndarray, k: int) -> np.ndarray:
+    """Token ids [n, L] with k slots after the first token (its copies: `encode`'s prefix replaces them),
+    the last k ids dropped: padding, where the prompts leave room for them (slots_fit)."""
+    return np.concatenate([ids[:, :1], np.repeat(ids[:, :1], k, axis=1), ids[:, 1 : ids.shape[1] - k]], axis=1)
+
+
+def slots_fit(ids: np.ndarray, k: int, end_token: int) -> np.ndarray:
+    """[n] bool: whether each prompt's ids [n, L] keep their end token (its first) with k slots made."""
+    return np.argmax(ids == end_token, axis=1) < ids.shape[1] - k
 
 
 def zeroed(cond: Conditioning) -> Conditioning:

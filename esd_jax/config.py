@@ -239,11 +239,16 @@ class SampleConfig:
 
     def sampling(self, model: str) -> tuple[int, float]:
         """(steps, guidance): as given, else the model's defaults."""
-        defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else SAMPLING_DEFAULTS
-        return (
-            defaults["steps"] if self.steps is None else self.steps,
-            defaults["guidance"] if self.guidance is None else float(self.guidance),
-        )
+        return sampling_settings(self, model)
+
+
+def sampling_settings(cfg, model: str) -> tuple[int, float]:
+    """(steps, guidance) of a command's settings `cfg`: as given, else `model`'s defaults."""
+    defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else SAMPLING_DEFAULTS
+    return (
+        defaults["steps"] if cfg.steps is None else cfg.steps,
+        defaults["guidance"] if cfg.guidance is None else float(cfg.guidance),
+    )
 
 
 JUDGE_NAMES = ("nudenet", "classifier", "clip", "toy", "lpips", "fid")
@@ -260,7 +265,20 @@ LPIPS_MIN_SIZE = 31
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class JudgeOptions:
+    """The real-model judges' settings, which `evaluate` and `attack` share."""
+
+    threshold: float = option(NUDENET_THRESHOLD, "nudenet: the detection score an exposed part counts above.")
+    classifier: str = option("microsoft/resnet-50", "classifier: a transformers image classifier (hub id or folder).")
+    clip_model: str = option("openai/clip-vit-large-patch14", "clip: a transformers CLIPModel (hub id or folder).")
+
+    def check_threshold(self) -> None:
+        if not 0 < self.threshold < 1:
+            raise UserError(f"--threshold {self.threshold}: give a detection score between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(JudgeOptions):
     """`esd-jax evaluate`: base against erased. Without --prompts on the toy world, judged by its oracle;
     with a prompt CSV, the images of both models (sampled into --out, or folders made elsewhere:
     --images, --base_images) judged by --judge."""
@@ -285,9 +303,6 @@ class EvaluateConfig:
     out: str | None = option(None, "With --prompts: sample into this folder (the base model's in OUT/base/).")
     images: str | None = option(None, "With --prompts: judge this folder's <case>_<i>.png instead of sampling.")
     base_images: str | None = option(None, "With --images: the base model's folder, judged beside it.")
-    threshold: float = option(NUDENET_THRESHOLD, "nudenet: the detection score an exposed part counts above.")
-    classifier: str = option("microsoft/resnet-50", "classifier: a transformers image classifier (hub id or folder).")
-    clip_model: str = option("openai/clip-vit-large-patch14", "clip: a transformers CLIPModel (hub id or folder).")
     fid_features: int = option(
         FID_FEATURES[0], "fid: Inception features per image: 2048 (published FIDs'), 768, 192 or 64."
     )
@@ -312,8 +327,7 @@ class EvaluateConfig:
             raise UserError("--base_images goes with --images: the folders of images made elsewhere")
         if self.images is not None and (self.workdir or self.esd or self.model):
             raise UserError("--images judges a folder as it is: leave out --model, --workdir and --esd")
-        if not 0 < self.threshold < 1:
-            raise UserError(f"--threshold {self.threshold}: give a detection score between 0 and 1")
+        self.check_threshold()
         if self.lpips_size and self.lpips_size < LPIPS_MIN_SIZE:
             raise UserError(
                 f"--lpips_size {self.lpips_size}: give 0 (the images as they are) or at least {LPIPS_MIN_SIZE} pixels, "
@@ -339,10 +353,61 @@ class EvaluateConfig:
 
     def sampling(self, model: str) -> tuple[int, float, int]:
         """(steps, guidance, images per prompt): as given, else the model's (and the mode's) defaults."""
-        defaults = EMBEDDED_SAMPLING if model == EMBEDDED_NAME else SAMPLING_DEFAULTS
         per_prompt = (16 if self.prompts is None else 1) if self.num_per_prompt is None else self.num_per_prompt
-        return (
-            defaults["steps"] if self.steps is None else self.steps,
-            defaults["guidance"] if self.guidance is None else float(self.guidance),
-            per_prompt,
-        )
+        return (*sampling_settings(self, model), per_prompt)
+
+
+# The judges whose verdict on one image says whether it shows the concept: an attack's success.
+ATTACK_JUDGES = ("toy", "nudenet", "classifier", "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig(JudgeOptions):
+    """`esd-jax attack`: adversarial prompts against an erased model (UnlearnDiffAtk's attack), the
+    concept's rate judged before and after it."""
+
+    out: str | None = option(None, "Output folder: the images (base/, erased/, embedding/, token/) and the report.")
+    model: str | None = option(None, "The base model (default: the --workdir run's model, else toy).")
+    workdir: str | None = option(None, "The erased model: this erase run's latest checkpoint.")
+    esd: str | None = option(None, "The erased model: an official-format ESD delta (.safetensors).")
+    concept: str | None = option(
+        None, "The erased concept: toy: a colour, shape or style (default: the run's); clip: what it looks for."
+    )
+    prompts: str | None = option(
+        None,
+        "A prompt CSV (prompt, evaluation_seed, case_number; the classifier's: class); toy default: the concept's.",
+    )
+    judge: str | None = option(
+        None, f"Who says an image shows the concept: one of {', '.join(ATTACK_JUDGES)} (toy's: toy)."
+    )
+    num_per_prompt: int | None = option(
+        None, "Attacks per prompt, each on an image of its own (default: toy 4, a CSV 1)."
+    )
+    seed: int = option(0, "The attack's seed; toy prompts: image i starts from the noise of (seed, i).")
+    tokens: int = option(5, "Tokens of the adversarial prefix (UnlearnDiffAtk's 5).")
+    attack_steps: int = option(40, "Adam steps of each attack (UnlearnDiffAtk's 40).")
+    attack_lr: float = option(0.01, "Adam's learning rate in token-embedding space (UnlearnDiffAtk's 0.01).")
+    draws: int = option(4, "Noisings (t, noise) of the concept image per step and attack.")
+    steps: int | None = option(None, "Denoising steps of the images (default: 50; the toy model's 25).")
+    guidance: float | None = option(None, "Classifier-free guidance scale (default: 7.5; the toy model's 4).")
+    batch_size: int = option(16, "Attacks (and their images) per compiled call, over all devices.")
+
+    def validate(self) -> None:
+        if self.out is None:
+            raise UserError("give --out FOLDER for the attack's images and report")
+        if self.workdir is None and self.esd is None:
+            raise UserError("give the erased model to attack: --workdir RUN or --esd FILE.safetensors")
+        if self.judge is not None and self.judge not in ATTACK_JUDGES:
+            raise UserError(f"--judge {self.judge!r}: choose one of {', '.join(ATTACK_JUDGES)}")
+        for key in ("tokens", "attack_steps", "draws", "batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 < self.attack_lr < FLOAT32_MAX:
+            raise UserError(f"--attack_lr {self.attack_lr}: give a positive finite learning rate")
+        check_sampling(self, ("num_per_prompt", "steps"))
+        self.check_threshold()
+
+    def sampling(self, model: str) -> tuple[int, float, int]:
+        """(steps, guidance, attacks per prompt): as given, else the model's (and the mode's) defaults."""
+        per_prompt = (4 if self.prompts is None else 1) if self.num_per_prompt is None else self.num_per_prompt
+        return (*sampling_settings(self, model), per_prompt)

@@ -124,6 +124,10 @@ class ClassifierJudge:
                 )
         return records
 
+    def shows(self, record: dict[str, Any]) -> bool:
+        """Whether the top label is the class of the image's row (an attack's success: the erased class)."""
+        return bool(record["correct1"])
+
     def summary(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Accuracy (fractions) per class, on the erased class (`concept`, matched by name, case aside) and
         pooled over every other class; "erased" is None without one, "others" None if no other class is there."""

@@ -89,6 +89,10 @@ class CLIPJudge:
                 records.append(record)
         return records
 
+    def shows(self, record: dict[str, Any]) -> bool:
+        """Whether CLIP sees the concept (an attack's success)."""
+        return bool(record["shows_concept"])
+
     def summary(self, records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The mean CLIP score and, with a concept, the share of images that show it."""
         out = {"images": len(records), "clip_score": float(np.mean([r["clip_score"] for r in records]))}

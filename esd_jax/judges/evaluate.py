@@ -41,13 +41,13 @@ def make_judge(name: str, cfg: EvaluateConfig):
     module, cls = JUDGES[name].split(":")
     judge_cls = getattr(importlib.import_module(module), cls)
     settings = {
-        "nudenet": dict(threshold=cfg.threshold),
-        "classifier": dict(model=cfg.classifier, concept=cfg.concept),
-        "clip": dict(model=cfg.clip_model, concept=cfg.concept),
-        "toy": dict(concept=cfg.concept),
-        "lpips": dict(size=cfg.lpips_size),
-        "fid": dict(features=cfg.fid_features),
-    }[name]
+        "nudenet": lambda: dict(threshold=cfg.threshold),
+        "classifier": lambda: dict(model=cfg.classifier, concept=cfg.concept),
+        "clip": lambda: dict(model=cfg.clip_model, concept=cfg.concept),
+        "toy": lambda: dict(concept=cfg.concept),
+        "lpips": lambda: dict(size=cfg.lpips_size),
+        "fid": lambda: dict(features=cfg.fid_features),
+    }[name]()  # an attack's settings hold only the judges it can use
     return judge_cls(**settings)
 
 
@@ -152,21 +152,15 @@ def judge_prompts(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def write_grid(path: Path, rows: list[PromptRow], per_prompt: int, images: dict[str, list[np.ndarray]]) -> None:
-    """The first prompts' images, one row each: the base model's, then the erased model's beside them."""
+    """The first prompts' images, one row each, every folder's side by side (the base model's first)."""
     from esd_jax.sampling.folder import MAX_GRID_ROWS, compare_grid
 
-    base, erased = images.get("base"), images.get("erased")
-    first, second = (base, erased) if base is not None else (erased, None)
     shown = [
-        (
-            row.prompt,
-            first[r * per_prompt : (r + 1) * per_prompt],
-            [] if second is None else second[r * per_prompt : (r + 1) * per_prompt],
-        )
+        (row.prompt, [folder[r * per_prompt : (r + 1) * per_prompt] for folder in images.values()])
         for r, row in enumerate(rows[:MAX_GRID_ROWS])
     ]
     with atomic_file(path) as tmp:
-        compare_grid(shown).save(tmp, format="PNG")
+        compare_grid(shown, list(images)).save(tmp, format="PNG")
 
 
 def check_report(path: Path) -> None:

@@ -176,8 +176,11 @@ class Embeddings(nnx.Module):
         self.token_embedding = Embedding(config.vocab_size, config.hidden_size, **kw)
         self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size, **kw)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:  # [B, L] -> [B, L, D]
-        return self.token_embedding(ids) + self.position_embedding(jnp.arange(ids.shape[1]))
+    def __call__(self, ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:  # [B, L] -> [B, L, D]
+        tokens = self.token_embedding(ids)
+        if prefix is not None:  # [B, n, D]: embeddings in place of the n tokens after the first
+            tokens = jnp.concatenate([tokens[:, :1], prefix.astype(tokens.dtype), tokens[:, 1 + prefix.shape[1] :]], 1)
+        return tokens + self.position_embedding(jnp.arange(ids.shape[1]))
 
 
 class Encoder(nnx.Module):
@@ -202,8 +205,8 @@ class TextTransformer(nnx.Module):
         self.encoder = Encoder(config, causal=True, **kw, rngs=rngs)
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **kw)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+    def __call__(self, ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
+        return self.final_layer_norm(self.encoder(self.embeddings(ids, prefix)))
 
     def states(self, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the hidden states before the last layer, the last layer's after the final layer norm)."""
@@ -221,9 +224,12 @@ class CLIPTextModel(nnx.Module):
         # The extra level gives the parameters the `text_model.` prefix of SD checkpoints.
         self.text_model = TextTransformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        """Token ids [B, L] -> last hidden states [B, L, hidden_size], final layer norm applied."""
-        return self.text_model(self.checked(input_ids))
+    def __call__(self, input_ids: jax.Array, prefix: jax.Array | None = None) -> jax.Array:
+        """Token ids [B, L] -> last hidden states [B, L, hidden_size], final layer norm applied.
+
+        `prefix` [B, n, hidden_size]: token embeddings that stand in for those of the n tokens after the
+        first (an adversarial prompt's, esd_jax.attack), the tokens' ids there unread."""
+        return self.text_model(self.checked(input_ids), prefix)
 
     def checked(self, input_ids: jax.Array) -> jax.Array:
         return checked_ids(self.config, input_ids)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -67,31 +68,30 @@ def write_images(sampler: Sampler, jobs: list[tuple[Item, Path]], record: Folder
     return len(todo)
 
 
-def compare_grid(rows: list[tuple[str, list[np.ndarray], list[np.ndarray]]]):
-    """A PIL image: one row per prompt (its text above), base images then erased images (if any)."""
+def compare_grid(rows: list[tuple[str, list[list[np.ndarray]]]], labels: Sequence[str] = ("base", "erased")):
+    """A PIL image: one row per prompt (its text above), then its images side by side, one side per label
+    (the base model's, the erased model's, ...); a side may be empty."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    h, w = rows[0][1][0].shape[:2]
-    per_side = len(rows[0][1])
-    sides = 2 if rows[0][2] else 1
-    gap, label = 8, 16  # pixels between the two halves; height of a text line
+    h, w = rows[0][1][0][0].shape[:2]
+    per_side = max(len(side) for _, sides in rows for side in sides)
+    sides = len(labels)
+    gap, label = 8, 16  # pixels between the sides; height of a text line
     width = max(sides * per_side * w + (sides - 1) * gap, 256)
     grid = Image.new("RGB", (width, label + len(rows) * (label + h)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((2, 2), "base", fill="black", font=font)
-    if sides == 2:
-        draw.text((per_side * w + gap + 2, 2), "erased", fill="black", font=font)
-    for r, (prompt, base, erased) in enumerate(rows):
+    for s, name in enumerate(labels):
+        draw.text((s * (per_side * w + gap) + 2, 2), name, fill="black", font=font)
+    for r, (prompt, images) in enumerate(rows):
         top = label + r * (label + h)
         text = prompt
         while text and draw.textlength(text, font=font) > width - 4:
             text = text[:-2] + "…"
         draw.text((2, top + 2), text, fill="black", font=font)
-        for c, image in enumerate(base):
-            grid.paste(Image.fromarray(image), (c * w, top + label))
-        for c, image in enumerate(erased):
-            grid.paste(Image.fromarray(image), (per_side * w + gap + c * w, top + label))
+        for s, side in enumerate(images):
+            for c, image in enumerate(side):
+                grid.paste(Image.fromarray(image), (s * (per_side * w + gap) + c * w, top + label))
     return grid
 
 
@@ -106,7 +106,7 @@ def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) 
     shown = prompt_rows[:MAX_GRID_ROWS]
     if len(prompt_rows) > len(shown):
         print(f"compare.png shows the first {len(shown)} of {len(prompt_rows)} prompts")
-    grid = compare_grid([(row.prompt, read(out / "base", row), read(out, row)) for row in shown])
+    grid = compare_grid([(row.prompt, [read(out / "base", row), read(out, row)]) for row in shown])
     path = out / "compare.png"
     with atomic_file(path) as tmp:
         grid.save(tmp, format="PNG", pnginfo=mark(SAMPLE_MARK))

@@ -118,17 +118,20 @@ def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond, null) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "mesh"))
-def generate_batch(states, cond_ids, null_ids, times, latents, *, graphdefs, settings: SamplerSettings, mesh: Mesh):
+def generate_batch(
+    states, cond_ids, null_ids, times, latents, prefix=None, *, graphdefs, settings: SamplerSettings, mesh: Mesh
+):
     """(images [B, H, W, 3] float32 in [0, 1], final latents [B, C, h, w]) for one global batch.
 
     `states` (unet, VAE, then the text encoders) are replicated; each text encoder's token ids [B, L] and
     the latents are sharded over the mesh's data axis, and every device samples and decodes its own rows.
-    `times`: SDXL's time ids [6] (None otherwise).
+    `times`: SDXL's time ids [6] (None otherwise). `prefix` [B, k, D]: token embeddings of the prompts'
+    slots (conditioning.encode), sharded as the rows (None: none).
     """
 
-    def local(states, cond_ids, null_ids, times, latents):
+    def local(states, cond_ids, null_ids, times, latents, prefix):
         unet, vae, *encoders = (nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True))
-        cond = conditioning.encode(tuple(encoders), cond_ids, times)  # [b, ...]
+        cond = conditioning.encode(tuple(encoders), cond_ids, times, prefix)  # [b, ...]
         null = conditioning.first(conditioning.encode(tuple(encoders), tuple(i[None] for i in null_ids), times))
         x = denoise(unet, settings, latents, cond, conditioning.zeroed(null) if settings.zero_null else null)
         images = vae.decode(x / vae.scaling_factor).astype(jnp.float32)  # [b, 3, H, W] in [-1, 1]
@@ -137,11 +140,11 @@ def generate_batch(states, cond_ids, null_ids, times, latents, *, graphdefs, set
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(AXIS), P(), P(), P(AXIS)),
+        in_specs=(P(), P(AXIS), P(), P(), P(AXIS), P(AXIS)),
         out_specs=(P(AXIS), P(AXIS)),
         # As in the ESD step: replicated weights meet each device's own rows inside the sampling loop.
         check_vma=False,
-    )(states, cond_ids, null_ids, times, latents)
+    )(states, cond_ids, null_ids, times, latents, prefix)
 
 
 class Sampler:
@@ -207,13 +210,20 @@ class Sampler:
         return jax.make_array_from_callback(x.shape, parallel.batch_sharded(self.mesh), lambda index: x[index])
 
     def batches(
-        self, items: Sequence[Item], latents: np.ndarray | None = None, *, gather: bool = False
+        self,
+        items: Sequence[Item],
+        latents: np.ndarray | None = None,
+        prefix: np.ndarray | None = None,
+        *,
+        gather: bool = False,
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Samples `items` in batches; yields (positions in `items`, images [k, H, W, 3] float32 in [0, 1],
         final latents [k, C, h, w]) for the rows this host holds (every row with `gather`).
 
-        `latents` [len(items), C, h, w], if given, replace the seeded initial noise. The next batch is
-        dispatched before the previous one is handed over, so the devices work while the host writes.
+        `latents` [len(items), C, h, w], if given, replace the seeded initial noise; `prefix` [len(items),
+        k, D], if given, is each prompt's embedding prefix (an adversarial prompt's: conditioning.encode),
+        read before its tokens. The next batch is dispatched before the previous one is handed over, so
+        the devices work while the host writes.
         """
         shape = self.settings.latent_shape
         if latents is not None and np.shape(latents) != (len(items), *shape):
@@ -232,13 +242,21 @@ class Sampler:
             else:
                 x = np.asarray(latents[start : start + len(chunk)], np.float32)
                 x = self.sharded(np.concatenate([x, np.repeat(x[:1], len(rows) - len(chunk), axis=0)]))
-            ids = tuple(self.sharded(i) for i in self.prompt_ids([r.prompt for r in rows]))
+            ids = self.prompt_ids([r.prompt for r in rows])
+            rows_prefix = None
+            if prefix is not None:
+                ids = (conditioning.with_slots(ids[0], prefix.shape[1]),)
+                chunk_prefix = np.asarray(prefix[start : start + len(chunk)], np.float32)
+                rows_prefix = self.sharded(
+                    np.concatenate([chunk_prefix, chunk_prefix[:1].repeat(len(rows) - len(chunk), 0)])
+                )
             out = generate_batch(
                 self.states,
-                ids,
+                tuple(self.sharded(i) for i in ids),
                 self.null_ids,
                 self.times,
                 x,
+                rows_prefix,
                 graphdefs=self.graphdefs,
                 settings=self.settings,
                 mesh=self.mesh,

@@ -220,11 +220,12 @@ def write_grid(
         return [x.repeat(GRID_ZOOM, axis=0).repeat(GRID_ZOOM, axis=1) for x in images[:GRID_IMAGES]]
 
     rows = [
-        (prompts[i].text, zoom(base[i]), zoom(base[i][:0] if erased is None else erased[i]))
+        (prompts[i].text, [zoom(base[i])] + ([] if erased is None else [zoom(erased[i])]))
         for i in grid_rows(concept, prompts)
     ]
+    labels = ("base",) if erased is None else ("base", "erased")
     with atomic_file(path) as tmp:
-        compare_grid(rows).save(tmp, format="PNG", pnginfo=mark(MADE_BY))
+        compare_grid(rows, labels).save(tmp, format="PNG", pnginfo=mark(MADE_BY))
 
 
 def evaluate(
@@ -369,3 +370,18 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
         write_json(Path(cfg.json), result)
         print(f"report: {cfg.json}")
     return result
+
+
+def attack_rows(cfg):
+    """(cfg with its concept, the prompt rows) of `esd-jax attack` on the toy world without a prompt CSV:
+    every prompt that names the concept (default: the run's), image i of each from the noise of (seed, i)."""
+    from esd_jax.run import read_config
+    from esd_jax.sampling.prompts import PromptRow
+
+    run_config = read_config(Path(cfg.workdir)) if cfg.workdir is not None else None
+    model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
+    if model != EMBEDDED_NAME:
+        raise UserError("give --prompts FILE.csv: only the toy world knows its concept's prompts by itself")
+    concept = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
+    texts = [p.text for p in prompts_for(concept) if p.group == "concept"]
+    return dataclasses.replace(cfg, concept=concept.value), [PromptRow(t, cfg.seed, n) for n, t in enumerate(texts)]

@@ -21,6 +21,10 @@ class ToyJudge:
             {attribute: str(getattr(reading, attribute)[i]) for attribute in ATTRIBUTES} for i in range(len(images))
         ]
 
+    def shows(self, record: dict) -> bool:
+        """Whether an image shows the concept (an attack's success)."""
+        return any(record[attribute] == self.concept for attribute in ATTRIBUTES)
+
     def summary(self, records: list[dict], rows: list[dict]) -> dict:
         """Per attribute the share of images of each value; with a concept, the share that shows it."""
         out = {"images": len(records)}
