@@ -35,9 +35,15 @@ class EraseConfig:
     concept: str = ""  # the prompt to erase; several separated by "|", one drawn per sample
     erase_from: str = ""  # optional prompt(s) to erase it from (official esd_sd.py's --erase_from); "": none
     # Prompts whose images must not change, "|"-separated: each step also trains as many pairs sampled under
-    # them towards the frozen model's own prediction there (esd.retaining_loss); "": the paper's ESD.
+    # them towards the frozen model's own prediction there (esd.step_loss); "": the paper's ESD.
     retain: str = ""
     retain_weight: float = 1.0  # lambda in loss = ESD loss + lambda x retain loss
+    # Robust erasure (esd_jax/robust.py, after AdvUnlearn): every this many iterations an inner attack finds the
+    # prompt prefix that brings the concept back, and every step also trains the erasure under it; 0: plain ESD.
+    robust_every: int = 0
+    robust_steps: int = 10  # Adam steps of one inner attack
+    robust_lr: float = 0.01  # its learning rate in token-embedding space (esd-jax attack's)
+    robust_tokens: int = 5  # the prefix's length (UnlearnDiffAtk's and AdvUnlearn's 5)
     method: str = "esd-x"  # which weights train; see esd_jax.partition.METHODS
     iterations: int = 1000  # the paper's 1000 steps
     learning_rate: float = 1e-5  # the paper's Adam learning rate
@@ -95,6 +101,13 @@ class EraseConfig:
             raise bad("retain", "a retain prompt is empty; give prompts separated by '|', each non-empty")
         if not (0 <= self.retain_weight < FLOAT32_MAX):
             raise bad("retain_weight", "give a finite weight >= 0 for the retain loss (1: as much as the ESD loss)")
+        if self.robust_every < 0:
+            raise bad("robust_every", "give the iterations between inner attacks, or 0 for plain ESD")
+        for key in ("robust_steps", "robust_tokens"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be a positive integer")
+        if not (0 < self.robust_lr < FLOAT32_MAX):
+            raise bad("robust_lr", "must be a positive finite number (esd-jax attack's: 0.01)")
         if self.method not in METHODS:
             raise bad("method", f"unknown method; choose one of {', '.join(METHODS)}")
         for key in (

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from esd_jax import conditioning, parallel
 from esd_jax.conditioning import concat, repeat, take
 from esd_jax.parallel import AXIS
+from esd_jax.robust import Robust, adversarial_cond, attacked
 from esd_jax.schedulers import NoiseSchedule, ddim_step
 
 
@@ -45,9 +46,13 @@ class Prompts:
     erase_from: Any | None  # [n, ...]
     null: Any  # one prompt's, no row axis
     retain: Any | None = None  # [m, ...]
+    # Robust erasure's text encoder and the trained prompts' ids with slots for the prefix (robust.py), or None.
+    adversarial: Any | None = None
 
 
-jax.tree_util.register_dataclass(Prompts, data_fields=["concept", "erase_from", "null", "retain"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Prompts, data_fields=["concept", "erase_from", "null", "retain", "adversarial"], meta_fields=[]
+)
 
 
 def row_prompts(prompts: Prompts, index: jax.Array) -> tuple[Any, Any, jax.Array | None]:
@@ -69,17 +74,21 @@ class TrainState:
     trainable: Any  # nnx.State of the trained parameters
     opt_state: Any
     rng: jax.Array
+    adversary: jax.Array | None = None  # robust erasure's prefixes [n, k, D] (robust.py), or None
 
 
-jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state", "rng"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    TrainState, data_fields=["step", "trainable", "opt_state", "rng", "adversary"], meta_fields=[]
+)
 
 
-def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def initial_state(trainable, optimizer: optax.GradientTransformation, seed: int, adversary=None) -> TrainState:
     return TrainState(
         step=jnp.int32(0),
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         rng=jax.random.key_data(jax.random.key(seed)),
+        adversary=adversary,
     )
 
 
@@ -111,6 +120,7 @@ def step_inputs(
         trainable=parallel.shardings(state.trainable, mesh),
         opt_state=sharded(state.opt_state),
         rng=parallel.shardings(state.rng, mesh),
+        adversary=parallel.shardings(state.adversary, mesh),
     )
     return (state, frozen, original, prompts), (
         placed,
@@ -282,12 +292,26 @@ def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, ta
     return jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target))
 
 
-def retaining_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float):
-    """(ESD loss + retain_weight x retain loss, (ESD loss, retain loss)) of one device's rows, its erase
-    rows first and then as many retain rows (interleaved)."""
-    squared = squared_errors(trainable, frozen, graphdef, x_t, t, cond, target)
-    erase, retain = (jnp.mean(half) for half in jnp.split(squared, 2))
-    return erase + retain_weight * retain, (erase, retain)
+def step_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float, retains: bool, adversarial=None):
+    """(the loss of one device's rows, its parts): the ESD loss of the erase rows, with retain prompts
+    (`retains`: each device's erase rows, then as many retain rows: interleaved) + retain_weight x the
+    retain rows' loss, and with `adversarial` conditioning (robust.py) of the first erase rows + their ESD
+    loss under it, all in one UNet call."""
+    erase = x_t.shape[0] // 2 if retains else x_t.shape[0]
+    if adversarial is not None:
+        extra = conditioning.count(adversarial)
+        x_t, t, target = (jnp.concatenate([a, a[:extra]]) for a in (x_t, t, target))
+        cond = concat([cond, adversarial])
+    squared = jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target), axis=(1, 2, 3))
+    losses = {"loss": jnp.mean(squared[:erase])}
+    total = losses["loss"]
+    if retains:
+        losses["retain_loss"] = jnp.mean(squared[erase : 2 * erase])
+        total = total + retain_weight * losses["retain_loss"]
+    if adversarial is not None:
+        losses["adversarial_loss"] = jnp.mean(squared[x_t.shape[0] - extra :])
+        total = total + losses["adversarial_loss"]
+    return total, losses
 
 
 @dataclasses.dataclass
@@ -298,9 +322,13 @@ class Pairs:
     target: jax.Array  # [B, C, H, W] float32
     prompt: jax.Array  # [B] int32: the rows' prompts (row_prompts)
     k: jax.Array  # [B] int32: the DDIM step of x_t
+    adversary: jax.Array | None = None  # robust erasure's prefixes to train against (replicated), or None
+    attack_loss: jax.Array | None = None  # the inner attack's last loss where this step ran one, else NaN
 
 
-jax.tree_util.register_dataclass(Pairs, data_fields=["x_t", "target", "prompt", "k"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Pairs, data_fields=["x_t", "target", "prompt", "k", "adversary", "attack_loss"], meta_fields=[]
+)
 
 
 def local_pairs(
@@ -329,8 +357,9 @@ def local_pairs(
     return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null, retained)
 
 
-def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimizer, mesh: Mesh):
-    """(the objective, the compiled step) of the erase run `cfg` (an esd_jax.config.EraseConfig)."""
+def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimizer, mesh: Mesh, text_graphdef=None):
+    """(the objective, the compiled step) of the erase run `cfg` (an esd_jax.config.EraseConfig); robust
+    erasure reads its prefixes with the text encoder of graph `text_graphdef`."""
     objective = Objective(
         negative_guidance=cfg.negative_guidance,
         start_guidance=cfg.start_guidance,
@@ -349,6 +378,10 @@ def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimi
         trajectories=cfg.trajectories,
         refresh_every=cfg.refresh_every,
         retain_weight=cfg.retain_weight,
+        robust=Robust(cfg.robust_every, cfg.robust_steps, cfg.robust_lr, cfg.robust_tokens)
+        if cfg.robust_every
+        else None,
+        text_graphdef=text_graphdef,
     )
     return objective, step
 
@@ -382,6 +415,8 @@ def make_train_step(
     trajectories: int = 0,
     refresh_every: int = 0,
     retain_weight: float = 1.0,
+    robust: Robust | None = None,
+    text_graphdef=None,
 ) -> TrainStep:
     """The step of an erase run over `mesh` (TrainStep).
 
@@ -390,7 +425,9 @@ def make_train_step(
     runs on the (replicated or sharded) optimizer state outside them. With `trajectories` > 0 the pairs
     come from the fast mode's cache (esd_jax.trajectories) instead. With retain prompts, each device's
     rows are its erase pairs followed by as many retain pairs (interleaved), drawn as the erase pairs are
-    but from retain_key, and the loss adds `retain_weight` x theirs.
+    but from retain_key, and the loss adds `retain_weight` x theirs. With `robust` (esd_jax.robust; the
+    text encoder's graph `text_graphdef`), every robust.every steps `pairs` runs an inner attack against
+    the trained model for new prefixes, and `update` trains the erase rows under them as well.
     """
     devices = mesh.devices.size
     global_batch = batch_per_device * devices
@@ -399,17 +436,50 @@ def make_train_step(
     def local_sampled(trainable, frozen, original, prompts, k, prompt, noise_keys):
         return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, prompt, noise_keys)
 
-    def local_trained(trainable, frozen, prompts, x_t, t, prompt, target):
+    def erase_rows(b: int, retains: bool) -> int:
+        """How many of a device's b rows, the first, are erase rows (interleaved)."""
+        return b // 2 if retains else b
+
+    def local_trained(trainable, frozen, prompts, x_t, t, prompt, target, adversary):
         cond = row_prompts(prompts, prompt)[1]
-        if prompts.retain is None:
-            loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, cond, target)
-            losses = {"loss": loss}
-        else:
-            (_, (loss, retained)), grads = jax.value_and_grad(retaining_loss, has_aux=True)(
-                trainable, frozen, graphdef, x_t, t, cond, target, retain_weight
-            )
-            losses = {"loss": loss, "retain_loss": retained}
+        retains = prompts.retain is not None
+        adversarial = None
+        if robust is not None:
+            erase = erase_rows(x_t.shape[0], retains)
+            adversarial = adversarial_cond(text_graphdef, prompts.adversarial, adversary, prompt[:erase])
+        (_, losses), grads = jax.value_and_grad(step_loss, has_aux=True)(
+            trainable, frozen, graphdef, x_t, t, cond, target, retain_weight, retains, adversarial
+        )
         return jax.lax.pmean(losses, AXIS), jax.lax.pmean(grads, AXIS)
+
+    def local_attacked(trainable, frozen, original, prompts, adversary, x_t, t, prompt):
+        erase = erase_rows(x_t.shape[0], prompts.retain is not None)
+        c = row_prompts(prompts, prompt)[0]
+        model = nnx.merge(graphdef, jax.lax.stop_gradient(trainable), frozen)
+        frozen_model = nnx.merge(graphdef, original, frozen)
+        rows = (x_t[:erase], t[:erase], take(c, jnp.arange(erase)), prompt[:erase])
+        return attacked(model, frozen_model, text_graphdef, robust, prompts.adversarial, adversary, *rows)
+
+    def with_adversary(state: TrainState, frozen, original, prompts: Prompts, pairs: Pairs) -> Pairs:
+        """`pairs` with the prefixes to train against: new ones from an inner attack every robust.every
+        steps (counted from 0), else the state's."""
+        weights = parallel.local_specs(frozen), parallel.local_specs(original)
+        attack = jax.shard_map(
+            local_attacked,
+            mesh=mesh,
+            in_specs=(P(), *weights, P(), P(), batch, batch, batch),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
+        adversary, loss = jax.lax.cond(
+            state.step % robust.every == 0,
+            lambda: attack(state.trainable, frozen, original, prompts, state.adversary, *rows_of(pairs)),
+            lambda: (state.adversary, jnp.float32(jnp.nan)),
+        )
+        return dataclasses.replace(pairs, adversary=adversary, attack_loss=loss)
+
+    def rows_of(pairs: Pairs) -> tuple:
+        return pairs.x_t, timesteps[pairs.k], pairs.prompt
 
     def with_retained(erase: tuple, retain) -> tuple:
         """The erase rows' (k, prompt, ...) interleaved with those `retain` draws from retain_key."""
@@ -421,8 +491,15 @@ def make_train_step(
     batch = P(AXIS)
     rows = NamedSharding(mesh, batch)
 
-    @functools.partial(jax.jit, out_shardings=rows)
+    replicated = NamedSharding(mesh, P())
+    robust_out = {} if robust is None else {"adversary": replicated, "attack_loss": replicated}
+
+    @functools.partial(jax.jit, out_shardings=Pairs(rows, rows, rows, rows, **robust_out))
     def pairs(state: TrainState, frozen, original, prompts: Prompts, cache=None) -> Pairs:
+        drawn = drawn_pairs(state, frozen, original, prompts, cache)
+        return drawn if robust is None else with_adversary(state, frozen, original, prompts, drawn)
+
+    def drawn_pairs(state: TrainState, frozen, original, prompts: Prompts, cache=None) -> Pairs:
         if cache is not None:
             j, k = pair_draws(state.rng, state.step, trajectories, objective.ddim_steps, global_batch, refresh_every)
             if prompts.retain is not None:
@@ -452,20 +529,21 @@ def make_train_step(
         trained = jax.shard_map(
             local_trained,
             mesh=mesh,
-            in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch),
+            in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch, P()),
             out_specs=(P(), P()),
             check_vma=False,
         )
         losses, grads = trained(
-            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target
+            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target, pairs.adversary
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        new_state = TrainState(state.step + 1, trainable, opt_state, state.rng)
+        new_state = TrainState(state.step + 1, trainable, opt_state, state.rng, pairs.adversary)
         # Replicated, so every host can read the metrics. `finite` checks the new weights as well as the
         # losses: a finite loss can still take an overflowing step. k is every row's (interleaved).
         k = jax.lax.with_sharding_constraint(pairs.k, NamedSharding(mesh, P()))
         finite = all_finite(losses) & all_finite(trainable)
-        return new_state, {**losses, "k": k, "finite": finite}
+        attack = {} if pairs.attack_loss is None else {"attack_loss": pairs.attack_loss}
+        return new_state, {**losses, **attack, "k": k, "finite": finite}
 
     return TrainStep(pairs, update)

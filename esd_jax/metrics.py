@@ -56,7 +56,7 @@ def plot_loss(
         return
     window = max(1, len(rows) // 20)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for key, colour in (("loss", "tab:blue"), ("retain_loss", "tab:orange")):
+    for key, colour in (("loss", "tab:blue"), ("retain_loss", "tab:orange"), ("adversarial_loss", "tab:red")):
         kept = [r for r in rows if isinstance(r.get(key), float)]
         if not kept:
             continue

@@ -204,6 +204,17 @@ def prompt_shapes(pipe: StableDiffusion, concepts: int, erase_froms: int, retain
     return Prompts(concept=rows(concepts), erase_from=rows(erase_froms), null=one, retain=rows(retains))
 
 
+def robust_shapes(pipe: StableDiffusion, prompts: Prompts, tokens: int):
+    """(prompts with robust erasure's inputs, its prefixes, the text encoder's graph) as shapes (robust.py)."""
+    if pipe.is_xl:
+        raise UserError("config.robust_every: robust erasure is for SD 1.x and 2.x, not SDXL's two text encoders")
+    graphdef, weights = nnx.split(pipe.text_encoder)
+    n = conditioning.count(prompts.concept)
+    ids = jax.ShapeDtypeStruct((n, token_shapes(pipe, 1)[0].shape[1]), jnp.int32)
+    adversary = jax.ShapeDtypeStruct((n, tokens, pipe.text_encoder.config.hidden_size), jnp.float32)
+    return dataclasses.replace(prompts, adversarial={"encoder": weights, "ids": ids}), adversary, graphdef
+
+
 def unet_call(graphdef, weights, topo: Topology, batch: int, latent_shape, prompts: Prompts) -> Compiled:
     """One UNet call at `batch` samples per device, the weights placed as the step has them."""
     mesh = topo.mesh
@@ -360,20 +371,25 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
     graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
     optimizer = optax.adam(cfg.learning_rate)
-    state = jax.eval_shape(lambda t: initial_state(t, optimizer, cfg.seed), trainable)
     prompts = prompt_shapes(pipe, len(cfg.concepts), len(cfg.erase_froms), len(cfg.retains))
+    adversary, text_graphdef = None, None
+    if cfg.robust_every:
+        prompts, adversary, text_graphdef = robust_shapes(pipe, prompts, cfg.robust_tokens)
+    state = jax.eval_shape(lambda t: initial_state(t, optimizer, cfg.seed, adversary), trainable)
     inputs, shardings = step_inputs(
         mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
     )
     state, frozen, original, prompts = placed(inputs, shardings)
-    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh)
+    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh, text_graphdef)
     memory = {
         f"trained weights ({cfg.method})": per_device_bytes(state.trainable),
         "their originals": per_device_bytes(original),
         "frozen weights": per_device_bytes(frozen),
         "optimizer state (Adam)": per_device_bytes(state.opt_state),
-        "prompt embeddings": per_device_bytes(prompts),
+        "prompt embeddings": per_device_bytes(dataclasses.replace(prompts, adversarial=None)),
     }
+    if cfg.robust_every:
+        memory["robust erasure: text encoder, prefixes"] = per_device_bytes((prompts.adversarial, state.adversary))
     n, b = cfg.ddim_steps, cfg.batch_per_device * cfg.rows_per_erase_pair
     if not cfg.trajectories:
         (pairs_fn, pairs_args), (update_fn, update_args) = step_fn.programs(state, frozen, original, prompts)

@@ -25,9 +25,13 @@ from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
 from esd_jax.partition import trainable_filter
 from esd_jax.pipeline import StableDiffusion, load_pipeline, locate
+from esd_jax.robust import robust_inputs
 from esd_jax.run import delta_filename, write_delta
 from esd_jax.schedulers import NoiseSchedule
 from esd_jax.trajectories import make_trajectory_sampler
+
+# The losses a step reports (esd.step_loss; robust erasure's inner attack's where the step ran one).
+LOSSES = ("loss", "retain_loss", "adversarial_loss", "attack_loss")
 
 
 def encode_prompts(pipe: StableDiffusion, cfg: EraseConfig) -> Prompts:
@@ -106,8 +110,14 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     shape = pipe.latent_shape(cfg.resolution)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
     prompts = encode_prompts(pipe, cfg)
+    adversary, text_graphdef = None, None
+    if cfg.robust_every:
+        adversarial, adversary, text_graphdef = robust_inputs(
+            pipe, cfg.erase_froms or cfg.concepts, cfg.robust_tokens, cfg.seed
+        )
+        prompts = dataclasses.replace(prompts, adversarial=adversarial)
     unet = pipe.unet
-    del pipe  # the text encoder and VAE are not needed on device from here on
+    del pipe  # the VAE (and but for robust erasure the text encoder) is not needed on device from here on
 
     kinds = weights.layouts(unet)
     graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, cfg.method), ...)
@@ -115,7 +125,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     # Copied first: placing on the mesh may keep a device's buffer, and the step donates the trainable ones.
     original = jax.tree.map(jnp.copy, trainable)
     optimizer = optax.adam(cfg.learning_rate)
-    state = initial_state(trainable, optimizer, cfg.seed)
+    state = initial_state(trainable, optimizer, cfg.seed, adversary)
     inputs, placed = step_inputs(
         mesh, state, frozen, original, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
     )
@@ -129,7 +139,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     manager = checkpoints.open_manager(workdir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = int(state.step)
 
-    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh)
+    objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh, text_graphdef)
     cache, cache_index = None, None
     if cfg.trajectories:
         sample_cache = make_trajectory_sampler(graphdef, schedule, objective, mesh, cfg.trajectories)
@@ -187,7 +197,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
                     "try a lower learning_rate (or negative_guidance)"
                 )
             if log:
-                losses = {key: float(row[key]) for key in ("loss", "retain_loss") if key in row}
+                losses = {key: float(row[key]) for key in LOSSES if key in row and np.isfinite(row[key])}
                 log.write({"step": step, **losses, "k": [int(x) for x in row["k"]], "seconds": seconds})
         bar.set_postfix(loss=f"{float(rows[-1]['loss']):.3e}")
         pending.clear()

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 
 from esd_jax import parallel
 from esd_jax.parallel import AXIS
-from esd_jax.sampling.sampler import Sampler
 from esd_jax.schedulers import NoiseSchedule
 
 ATTACKERS = ("embedding", "token")
@@ -100,33 +99,41 @@ def first_prefix(table: jax.Array, allowed: jax.Array, rows: jax.Array, key: jax
     return table[ids]
 
 
+def adam_descent(loss, init: jax.Array, steps: int, learning_rate: float, reduce=lambda grads: grads):
+    """(x after `steps` Adam steps on loss(x, step) -> (value, aux) from `init`, aux of every step [steps,
+    ...]); `reduce` maps the gradient first (an average over devices)."""
+    optimizer = optax.adam(learning_rate)
+
+    def body(carry, step):
+        x, opt_state = carry
+        (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(x, step)
+        updates, opt_state = optimizer.update(reduce(grads), opt_state, x)
+        return (optax.apply_updates(x, updates), opt_state), aux
+
+    (x, _), aux = jax.lax.scan(body, (init, optimizer.init(init)), jnp.arange(steps))
+    return x, aux
+
+
 def search_rows(unet, text_encoder, settings: SearchSettings, alphas, table, allowed, ids, z0, rows, key):
     """(prefix [B, k, D], losses [B, steps]) of one device's rows: Adam on the rows' prefixes (first_prefix)."""
-    optimizer = optax.adam(settings.learning_rate)
-    shape = z0.shape[1:]
     init = first_prefix(table, allowed, rows, jax.random.fold_in(key, settings.steps), settings.tokens)
 
-    def total(prefix, t, eps):
+    def total(prefix, step):
+        t, eps = row_draws(key, step, rows, settings, z0.shape[1:])
         used = projected(prefix, table, allowed) if settings.attacker == "token" else prefix
         losses = row_losses(unet, text_encoder, settings, alphas, ids, used, z0, t, eps)
         return jnp.sum(losses), losses  # rows are independent: each prefix gets its own row's gradient
 
-    def body(carry, step):
-        prefix, opt_state = carry
-        t, eps = row_draws(key, step, rows, settings, shape)
-        (_, losses), grads = jax.value_and_grad(total, has_aux=True)(prefix, t, eps)
-        updates, opt_state = optimizer.update(grads, opt_state, prefix)
-        return (optax.apply_updates(prefix, updates), opt_state), losses
-
-    (prefix, _), losses = jax.lax.scan(body, (init, optimizer.init(init)), jnp.arange(settings.steps))
+    prefix, losses = adam_descent(total, init, settings.steps, settings.learning_rate)
     return prefix, losses.T
 
 
 class Attacker:
     """An erased model's UNet and text encoder placed on a mesh, and the compiled search against them."""
 
-    def __init__(self, sampler: Sampler, schedule: NoiseSchedule, vocab_size: int, special_tokens):
-        """The UNet and text encoder that `sampler` (of an SD 1.x/2.x pipeline) has placed; `special_tokens`:
+    def __init__(self, sampler, schedule: NoiseSchedule, vocab_size: int, special_tokens):
+        """The UNet and text encoder that `sampler` (an esd_jax.sampling.Sampler of an SD 1.x/2.x pipeline)
+        has placed; `special_tokens`:
         ids no attack prompt may hold (start, end, padding)."""
         self.mesh = sampler.mesh
         self.graphdefs = (sampler.graphdefs[0], sampler.graphdefs[2])
