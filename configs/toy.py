@@ -15,12 +15,22 @@ erasure with retain prompts").
 
 The fast mode: 32 trajectories of the frozen model (and 32 under the retain prompts), sampled once,
 give the 800 (x_t, target) pairs that the 400 iterations of 4 train on, each twice.
+
+    esd-jax erase --config configs/toy.py:robust
+    esd-jax attack --workdir runs/toy-red-robust --out attacks/toy-red-robust
+
+makes the erasure robust to adversarial prompts (esd_jax/robust.py, after AdvUnlearn): every 10 iterations
+an inner attack of 10 Adam steps (esd-jax attack's embedding attacker at its learning rate, against the
+frozen model's prediction under "red" on the step's own x_t) finds the 5-token prefix under which the
+model being trained draws red again, and every iteration also trains the erasure under it. An iteration
+costs about 3x the plain one; the other colours keep their accuracy as well (README, "Does the erasure
+hold?").
 """
 
 from esd_jax.config import default_config
 
 
-def get_config():
+def get_config(variant: str = ""):
     config = default_config()
     config.model = "toy"
     config.concept = "red"
@@ -34,4 +44,12 @@ def get_config():
     config.trajectories = 32
     config.checkpoint_every = 100
     config.workdir = "runs/toy-red"
+    if variant == "robust":
+        config.robust_every = 10
+        config.robust_steps = 10
+        config.robust_lr = 0.01
+        config.robust_tokens = 5
+        config.workdir = "runs/toy-red-robust"
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r}; configs/toy.py:robust is the one there is")
     return config

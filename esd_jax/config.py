@@ -3,8 +3,9 @@
 `EraseConfig` (esd-jax erase): configs/*.py start from `default_config()` (a ConfigDict generated from
 the dataclass, so no field is declared twice) and change what their method needs;
 `EraseConfig.from_config_dict` turns the command line's ConfigDict back into the dataclass and says what
-is wrong with it. `SampleConfig` and `EvaluateConfig` (esd-jax sample, evaluate): each field is a flag,
-its default and help text declared with it. Importing this module loads neither JAX nor Flax.
+is wrong with it. `SampleConfig`, `EvaluateConfig` and `AttackConfig` (esd-jax sample, evaluate, attack):
+each field is a flag, its default and help text declared with it (the judges' settings, which evaluate and
+attack share, once in JudgeOptions). Importing this module loads neither JAX nor Flax.
 """
 
 import dataclasses

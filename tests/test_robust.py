@@ -1,6 +1,7 @@
 """Robust erasure: the inner attack in the step, the loss under its prefixes, a short run and its resumption."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -71,9 +72,15 @@ def robust_step():
     )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def apply(graphdef, trainable, frozen, x, t, cond):
+    return nnx.merge(graphdef, trainable, frozen)(x, t, **cond)
+
+
 def predictions(s, trainable, pairs, cond) -> np.ndarray:
-    model = nnx.merge(s["graphdef"], trainable, s["frozen"])
-    return np.asarray(model(pairs.x_t, s["timesteps"][pairs.k], **cond), np.float32)
+    return np.asarray(
+        apply(s["graphdef"], trainable, s["frozen"], pairs.x_t, s["timesteps"][pairs.k], cond), np.float32
+    )
 
 
 def test_the_inner_attack_runs_on_its_steps_and_brings_the_concept_back(robust_step):
