@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from esd_jax import files, weights
+from esd_jax.config import EMBEDDED_NAME
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file
 
@@ -230,6 +231,26 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
         manager.close()
     nnx.update(pipe.unet, trained)
     return pipe, cfg, step
+
+
+def model_name(model: str) -> str:
+    """The model as recorded: a local folder's absolute path however it was spelled, else the name."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model != EMBEDDED_NAME and path.exists() else model
+
+
+def base_model(model: str | None, workdir: Path | None) -> str:
+    """The base model of a command given `--model` (or None) and the erase run `workdir` (or None): the
+    run's, which `model` may name but not contradict, else `model`, else the embedded toy model."""
+    if workdir is not None:
+        run_model = read_config(workdir).model
+        if model is not None and model_name(model) != model_name(run_model):
+            raise UserError(
+                f"--model {model} is not the model of run {workdir} ({run_model}), whose weights belong to "
+                "that model; leave --model out"
+            )
+        return run_model
+    return EMBEDDED_NAME if model is None else model
 
 
 def check_erasure(workdir: Path | None, esd: Path | None) -> None:

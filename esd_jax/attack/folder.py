@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from esd_jax import checkpoints, conditioning
+from esd_jax import checkpoints, conditioning, parallel
 from esd_jax.attack.search import ATTACKERS, EVALUATION_STREAM, SEARCH_STREAM, Attacker
 from esd_jax.config import EMBEDDED_NAME, AttackConfig
 from esd_jax.errors import UserError
@@ -65,12 +65,12 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
     """What `esd-jax attack` does for the prompt `rows`; returns the report it writes."""
     from esd_jax.judges.evaluate import image_rows, make_judge
     from esd_jax.pipeline import load_pipeline, locate
-    from esd_jax.run import apply_erasure, check_erasure, read_config
-    from esd_jax.sampling.folder import make_out, model_name
+    from esd_jax.run import apply_erasure, base_model, check_erasure, model_name
+    from esd_jax.sampling.folder import make_out
 
     workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
     check_erasure(workdir, esd)
-    model = cfg.model or (read_config(workdir).model if workdir is not None else EMBEDDED_NAME)
+    model = base_model(cfg.model, workdir)
     judge_name = cfg.judge or ("toy" if model == EMBEDDED_NAME else None)
     if judge_name is None:
         raise UserError("give --judge (nudenet, classifier or clip): who says an image shows the concept")
@@ -100,8 +100,6 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
         "guidance": guidance,
         **{k: getattr(cfg, k) for k in ("seed", "tokens", "attack_steps", "attack_lr", "draws")},
     }
-    done = finished_attacks(out, settings)
-
     pipe = load_pipeline(model_folder)
     if pipe.is_xl:
         raise UserError("attack searches one text encoder's token embeddings: SD 1.x and 2.x, not SDXL's two")
@@ -113,6 +111,7 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
             f"prompt {rows[int(np.argmin(fits))].prompt!r} leaves no room for {cfg.tokens} prefix tokens in the "
             f"text encoder's {ids.shape[1]}; shorten it or lower --tokens"
         )
+    done = finished_attacks(out, settings)  # only now: other settings start over, and nothing is left to refuse
     todo = [j for j in jobs if j.name not in done]
     sampling = dict(steps=steps, guidance=guidance, batch_size=cfg.batch_size, images=max(len(todo), 1))
     base = Sampler(pipe, **sampling)
@@ -125,19 +124,33 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
 
     from tqdm.auto import tqdm
 
-    with tqdm(
-        total=len(jobs), initial=len(jobs) - len(todo), desc="attacking", unit="attack", dynamic_ncols=True
-    ) as bar:
+    main = parallel.is_main_process()
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="attacking",
+        unit="attack",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    with bar:
         for start in range(0, len(todo), erased.batch_size):
             chunk = todo[start : start + erased.batch_size]
             records = attack_chunk(
                 cfg, chunk, [positions[j.name] for j in chunk], base, erased, attacker, pipe, key, out
             )
-            with open(out / ATTACKS, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+            if main:
+                with open(out / ATTACKS, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
             done.update((r["image"], r) for r in records)
             bar.update(len(chunk))
 
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("esd-jax attack: images written")
+    if not main:
+        return {}
     images = {folder: read_images(out / folder, jobs) for folder in FOLDERS}
     verdicts = {folder: judge.judge(images[folder], described) for folder in FOLDERS}
     shows = {folder: np.asarray([judge.shows(v) for v in verdicts[folder]]) for folder in FOLDERS}
@@ -179,9 +192,10 @@ def finished_attacks(out: Path, settings: dict[str, Any]) -> dict[str, dict]:
         print(f"{out}: made with other settings; starting over")
     elif any(out.iterdir()):
         raise UserError(f"--out {out} holds files that are not an attack's; pass another (or an empty) folder")
-    (out / ATTACKS).unlink(missing_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps({"made_by": MADE_BY, "settings": settings}, indent=2) + "\n")
+    if parallel.is_main_process():
+        (out / ATTACKS).unlink(missing_ok=True)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"made_by": MADE_BY, "settings": settings}, indent=2) + "\n")
     return {}
 
 
@@ -193,6 +207,8 @@ def attack_chunk(cfg, chunk: list[Job], indices: list[int], base, erased, attack
     pad = [chunk[0]] * (width - n)  # rows that fill the batch for the devices, dropped below
 
     def write(folder: str, images: np.ndarray) -> None:
+        if not parallel.is_main_process():  # every host holds every image (gathered); one writes them
+            return
         for job, image in zip(chunk, to_uint8(images), strict=True):
             with atomic_file(out / folder / job.name) as tmp:
                 Image.fromarray(image).save(tmp, format="PNG")

@@ -113,12 +113,6 @@ def write_compare(out: Path, prompt_rows: list[PromptRow], num_per_prompt: int) 
     return path
 
 
-def model_name(model: str) -> str:
-    """The model as recorded: a local folder's absolute path however it was spelled, else the name."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if model != EMBEDDED_NAME and path.exists() else model
-
-
 def make_out(folder: Path) -> None:
     """Creates an image folder and tries writing in it, so that a bad --out fails before any model loads."""
     try:
@@ -142,7 +136,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
     PNGs carry a mark): a file of the user's is refused, never replaced. Returns how many it made.
     """
     from esd_jax.pipeline import EMBEDDED, load_pipeline, locate
-    from esd_jax.run import apply_erasure, check_erasure, read_config
+    from esd_jax.run import apply_erasure, base_model, check_erasure, model_name
 
     cfg.validate()
     out = Path(cfg.out)
@@ -151,16 +145,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
     rows = [PromptRow(cfg.prompt, cfg.seed, 0)] if cfg.prompt is not None else read_prompts_csv(Path(cfg.prompts))
     record = FolderRecord(out)
     base_record = FolderRecord(out / "base") if cfg.compare else None
-    model = cfg.model
-    if workdir is not None:
-        run_model = read_config(workdir).model
-        if model is not None and model_name(model) != model_name(run_model):
-            raise UserError(
-                f"--model {model} is not the model of run {workdir} ({run_model}), whose weights belong to "
-                "that model; leave --model out"
-            )
-        model = run_model
-    model = EMBEDDED_NAME if model is None else model
+    model = base_model(cfg.model, workdir)
     steps, guidance = cfg.sampling(model)
     scheduler, resolution, dtype, num_per_prompt = cfg.scheduler, cfg.resolution, cfg.dtype, cfg.num_per_prompt
 

@@ -340,14 +340,14 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
     table on the terminal, the picture (default: evaluate-<concept>.png in the run's workdir, else here)
     and, with `cfg.json`, the report as JSON."""
     from esd_jax.pipeline import load_pipeline
-    from esd_jax.run import apply_erasure, check_erasure, read_config
+    from esd_jax.run import apply_erasure, base_model, check_erasure, read_config
 
     cfg.validate()
     workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
     check_erasure(workdir, esd)
     run_config = read_config(workdir) if workdir is not None else None
     parsed = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
-    model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
+    model = base_model(cfg.model, workdir)
     steps, guidance, per_prompt = cfg.sampling(model)
     cfg = dataclasses.replace(cfg, steps=steps, guidance=guidance, num_per_prompt=per_prompt)
     grid = Path(cfg.grid) if cfg.grid else (workdir or Path(".")) / f"evaluate-{parsed.value}.png"
@@ -375,12 +375,12 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
 def attack_rows(cfg):
     """(cfg with its concept, the prompt rows) of `esd-jax attack` on the toy world without a prompt CSV:
     every prompt that names the concept (default: the run's), image i of each from the noise of (seed, i)."""
-    from esd_jax.run import read_config
+    from esd_jax.run import base_model, read_config
     from esd_jax.sampling.prompts import PromptRow
 
-    run_config = read_config(Path(cfg.workdir)) if cfg.workdir is not None else None
-    model = cfg.model or (run_config.model if run_config is not None else EMBEDDED_NAME)
-    if model != EMBEDDED_NAME:
+    workdir = Path(cfg.workdir) if cfg.workdir is not None else None
+    run_config = read_config(workdir) if workdir is not None else None
+    if base_model(cfg.model, workdir) != EMBEDDED_NAME:
         raise UserError("give --prompts FILE.csv: only the toy world knows its concept's prompts by itself")
     concept = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
     texts = [p.text for p in prompts_for(concept) if p.group == "concept"]
