@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import conditioning, parallel
+from esd_jax import conditioning, lora, parallel
 from esd_jax.conditioning import concat, repeat, take
 from esd_jax.parallel import AXIS
 from esd_jax.schedulers import NoiseSchedule, ddim_step
@@ -271,21 +271,32 @@ def esd_target(
     return jax.lax.stop_gradient(targets(objective, e_0, e_c, e_base, retained))
 
 
-def squared_errors(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
+def trained_weights(trainable, original):
+    """The trained layers' weights the trained model runs with: the `trainable` ones themselves, or for a
+    LoRA run (trainable: lora.Adapters) the frozen `original` ones with the adapters merged in."""
+    return lora.merged(original, trainable) if isinstance(trainable, lora.Adapters) else trainable
+
+
+def trained_unet(graphdef, trainable, original, frozen):
+    """The model being trained, with the `trainable` parameters (trained_weights)."""
+    return nnx.merge(graphdef, trained_weights(trainable, original), frozen)
+
+
+def squared_errors(trainable, original, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """(e_theta(x_t, t, cond) - target)^2 for the model with the `trainable` parameters."""
-    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, **cond)
+    e_theta = trained_unet(graphdef, trainable, original, frozen)(x_t, t, **cond)
     return jnp.square(e_theta.astype(jnp.float32) - target)
 
 
-def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
+def esd_loss(trainable, original, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """mean((e_theta(x_t, t, cond) - target)^2) for the model with the `trainable` parameters."""
-    return jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target))
+    return jnp.mean(squared_errors(trainable, original, frozen, graphdef, x_t, t, cond, target))
 
 
-def retaining_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float):
+def retaining_loss(trainable, original, frozen, graphdef, x_t, t, cond, target, retain_weight: float):
     """(ESD loss + retain_weight x retain loss, (ESD loss, retain loss)) of one device's rows, its erase
     rows first and then as many retain rows (interleaved)."""
-    squared = squared_errors(trainable, frozen, graphdef, x_t, t, cond, target)
+    squared = squared_errors(trainable, original, frozen, graphdef, x_t, t, cond, target)
     erase, retain = (jnp.mean(half) for half in jnp.split(squared, 2))
     return erase + retain_weight * retain, (erase, retain)
 
@@ -323,7 +334,8 @@ def local_pairs(
         sampler = nnx.merge(graphdef, original, frozen)
         x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
         return x_t, targets(objective, e_0, e_c, e_0, retained)
-    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
+    trained = trained_weights(trainable, original)
+    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trained)
     x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
     t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
     return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null, retained)
@@ -364,12 +376,15 @@ class TrainStep:
         self.pairs, self.update = pairs, update
 
     def __call__(self, state: TrainState, frozen, original, prompts: Prompts, cache=None):
-        return self.update(state, frozen, prompts, self.pairs(state, frozen, original, prompts, cache))
+        return self.update(state, frozen, original, prompts, self.pairs(state, frozen, original, prompts, cache))
 
     def programs(self, state: TrainState, frozen, original, prompts: Prompts, cache=None) -> list[tuple]:
         """(jitted function, its arguments) of each program, for arrays or shapes."""
         pairs = jax.eval_shape(self.pairs, state, frozen, original, prompts, cache)
-        return [(self.pairs, (state, frozen, original, prompts, cache)), (self.update, (state, frozen, prompts, pairs))]
+        return [
+            (self.pairs, (state, frozen, original, prompts, cache)),
+            (self.update, (state, frozen, original, prompts, pairs)),
+        ]
 
 
 def make_train_step(
@@ -399,14 +414,14 @@ def make_train_step(
     def local_sampled(trainable, frozen, original, prompts, k, prompt, noise_keys):
         return local_pairs(trainable, frozen, original, graphdef, schedule, objective, prompts, k, prompt, noise_keys)
 
-    def local_trained(trainable, frozen, prompts, x_t, t, prompt, target):
+    def local_trained(trainable, original, frozen, prompts, x_t, t, prompt, target):
         cond = row_prompts(prompts, prompt)[1]
         if prompts.retain is None:
-            loss, grads = jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, cond, target)
+            loss, grads = jax.value_and_grad(esd_loss)(trainable, original, frozen, graphdef, x_t, t, cond, target)
             losses = {"loss": loss}
         else:
             (_, (loss, retained)), grads = jax.value_and_grad(retaining_loss, has_aux=True)(
-                trainable, frozen, graphdef, x_t, t, cond, target, retain_weight
+                trainable, original, frozen, graphdef, x_t, t, cond, target, retain_weight
             )
             losses = {"loss": loss, "retain_loss": retained}
         return jax.lax.pmean(losses, AXIS), jax.lax.pmean(grads, AXIS)
@@ -447,17 +462,20 @@ def make_train_step(
         x_t, target = sampled(state.trainable, frozen, original, prompts, k, prompt, noise_keys)
         return Pairs(x_t=x_t, target=target, prompt=prompt, k=k)
 
+    # `original` is an argument of the update for LoRA runs, whose trained model is the frozen originals
+    # plus the adapters; a full-weight run's update does not use it, and jit leaves it out of the program.
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def update(state: TrainState, frozen, prompts: Prompts, pairs: Pairs):
+    def update(state: TrainState, frozen, original, prompts: Prompts, pairs: Pairs):
+        weights = parallel.local_specs(original), parallel.local_specs(frozen)
         trained = jax.shard_map(
             local_trained,
             mesh=mesh,
-            in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch),
+            in_specs=(P(), *weights, P(), batch, batch, batch, batch),
             out_specs=(P(), P()),
             check_vma=False,
         )
         losses, grads = trained(
-            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target
+            state.trainable, original, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
