@@ -92,6 +92,18 @@ def test_a_lora_run_holds_no_copy_of_the_originals(sd1_folder):
     assert sum(x.size for x in jax.tree.leaves(adapters)) == expected
 
 
+@pytest.mark.slow
+def test_sharded_weights_train_the_same_adapters(sd1_folder, lora_run, tmp_path):
+    """FSDP: the adapted weights enter the step sharded over the 4 devices and are gathered where the
+    adapters are merged into them; the adapters are replicated. What the step computes is the same."""
+    _, path = lora_run
+    settings = dict(method="esd-all", lora_rank=RANK, lora_alpha=ALPHA, learning_rate=1e-2, shard_params=True)
+    sharded, want = load_file(erase_run(sd1_folder, tmp_path, **settings)), load_file(path)
+    assert sharded.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(sharded[key], want[key], rtol=1e-5, atol=1e-6)
+
+
 def test_kohya_names_follow_the_torch_modules_of_every_layer_type(lora_run, sd1_folder):
     """Every Linear and Conv2d of diffusers' UNet that esd-all selects has lora_unet_<name, "." -> "_"> with
     kohya's shapes: down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1], a 0-d alpha."""
