@@ -6,6 +6,8 @@ conditioned on the concept, it predicts the frozen model's noise pushed away fro
     target = e_base - eta * (e_c - e_0),  e_base = e_0 (paper) or e_f (erase-from, official code).
 With retain prompts r, every step also trains as many retain pairs, sampled under r, towards the frozen
 model's own prediction e_r there, weighted by lambda: loss = mean(ESD) + lambda mean((e_theta(x_r, r) - e_r)^2).
+The trained model e_theta runs the trained weights, or for a LoRA run the frozen ones with the adapters merged
+in (trained_unet); the frozen model runs the originals.
 """
 
 import dataclasses
@@ -334,8 +336,10 @@ def local_pairs(
         sampler = nnx.merge(graphdef, original, frozen)
         x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
         return x_t, targets(objective, e_0, e_c, e_0, retained)
-    trained = trained_weights(trainable, original)
-    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trained)
+    if objective.xt_model == "frozen":
+        sampler = original
+    else:
+        sampler = jax.lax.stop_gradient(trained_weights(trainable, original))
     x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
     t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
     return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null, retained)

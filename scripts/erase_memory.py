@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
         "trained state": nbytes(state.trainable),
         "copies of the originals": copied,
         "Adam's moments": nbytes(state.opt_state),
-        "the UNet (frozen and adapted weights)": nbytes(frozen) + nbytes(original) - copied,
+        "the UNet's weights, once": nbytes(frozen) + nbytes(original),
     }
     objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh)
     cache = None
