@@ -29,6 +29,7 @@ from flax import nnx
 from esd_jax import weights
 from esd_jax.errors import UserError
 from esd_jax.models.layers import Conv2d, value
+from esd_jax.parallel import is_variable
 
 KOHYA_PREFIX = "lora_unet_"
 PEFT_PREFIX = "unet."
@@ -46,10 +47,6 @@ class Adapters:
 
 
 jax.tree_util.register_dataclass(Adapters, data_fields=["down", "up"], meta_fields=["scale"])
-
-
-def is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 def init(original: nnx.State, rank: int, alpha: float, seed: int) -> Adapters:
