@@ -141,14 +141,25 @@ def export(argv: list[str]) -> None:
 
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "The erase run's workdir.", flag_values=fv)
-    flags.DEFINE_string("out", None, "Output folder (diffusers) or .safetensors file (single-file).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder (diffusers) or .safetensors file (the others).", flag_values=fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).", flag_values=fv)
     flags.DEFINE_enum(
         "format",
         "diffusers",
         EXPORT_FORMATS,
         "diffusers: a StableDiffusionPipeline (or XL) folder; "
-        "single-file: one .safetensors in the original SD layout (A1111, ComfyUI).",
+        "single-file: one .safetensors in the original SD layout (A1111, ComfyUI); "
+        "delta: the trained layers' weights under diffusers keys (the official ESD file); "
+        "lora-kohya: a kohya LoRA (A1111, ComfyUI, kohya's tools); "
+        "lora-diffusers: the file diffusers' pipe.load_lora_weights() reads. "
+        "A LoRA run's adapters are merged into the full formats.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "rank",
+        None,
+        "With a lora format: the rank of a truncated SVD of what the run changed, for any run (needed for a "
+        "full-weight one); its relative error is printed. Default: a LoRA run's own adapters.",
         flag_values=fv,
     )
     parse(fv, argv)
@@ -157,7 +168,7 @@ def export(argv: list[str]) -> None:
             raise UserError(
                 f"give --{name}: {argv[0]} --workdir RUN --out FOLDER (or FILE.safetensors --format single-file)"
             )
-    out = export_run(Path(fv.workdir), Path(fv.out), step=fv.step, fmt=fv.format)
+    out = export_run(Path(fv.workdir), Path(fv.out), step=fv.step, fmt=fv.format, rank=fv.rank)
     print(f"exported: {out}")
 
 
@@ -224,7 +235,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "erase": (erase, "erase a concept from a model (ESD training); resumes from the workdir's checkpoint"),
     "evaluate": (evaluate, "base against erased: the toy oracle, or NudeNet, classifier, CLIP, LPIPS, FID"),
     "attack": (attack, "adversarial prompts against an erased model: how much of the concept they bring back"),
-    "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder or one single file"),
+    "export": (export, "convert a run's checkpoint to PyTorch: a diffusers folder, a single file, the delta, a LoRA"),
     "plan": (plan, "compile the erase step (plan sample: the sampler) for a TPU topology: memory, FLOPs, time"),
     "info": (info, "load a pipeline and print its networks, parameter counts and settings"),
     "sample": (sample, "sample images from a prompt or a prompt CSV, base or erased model; resumes a run"),

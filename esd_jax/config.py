@@ -68,6 +68,10 @@ class EraseConfig:
     log_every: int = 10  # steps between reads of the metrics from the device (one wait each); rows stay per step
     keep_checkpoints: int = 3
     shard_params: bool = False  # shard frozen weights and optimizer state over the mesh (models too big for a chip)
+    # > 0: train a LoRA of this rank on the method's layers instead of their weights (esd_jax/lora.py), the UNet
+    # frozen; 0: the weights themselves. LECO, the LoRA tool of the ESD loss, defaults to rank 4, alpha 1.
+    lora_rank: int = 0
+    lora_alpha: float = 1.0  # the adapters run scaled by lora_alpha / lora_rank, kohya's convention
     workdir: str = "runs/esd"
 
     @classmethod
@@ -151,6 +155,10 @@ class EraseConfig:
             raise bad("frozen_dtype", f"choose one of {', '.join(TRAIN_DTYPES)}")
         if not self.workdir:
             raise bad("workdir", "give a folder for checkpoints and outputs")
+        if self.lora_rank < 0:
+            raise bad("lora_rank", "give the adapters' rank (LECO's: 4), or 0 to train the weights themselves")
+        if not (0 < self.lora_alpha < FLOAT32_MAX):
+            raise bad("lora_alpha", "give a finite alpha > 0; the adapters run scaled by lora_alpha / lora_rank")
 
     @property
     def concepts(self) -> list[str]:
@@ -195,6 +203,10 @@ SCHEDULERS = ("ddim", "dpm++", "euler")
 SAMPLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+# A1111's <lora:name:strength>: 1 is the erasure as trained, 0 the base model, -1 the edit reversed.
+LORA_STRENGTH_HELP = "A LoRA's (--esd file's, or a LoRA run's) strength, -1..1: 1 the erasure as trained, 0 none."
+
+
 def check_sampling(cfg, counts: tuple[str, ...]) -> None:
     """What sample's and evaluate's settings share: counts (None: the model's default) of at least 1, a
     finite guidance >= 0, a 32-bit seed and a bounded number of images per prompt."""
@@ -207,6 +219,8 @@ def check_sampling(cfg, counts: tuple[str, ...]) -> None:
         raise UserError(f"--seed {cfg.seed} is outside 0..{MAX_SEED}")
     if cfg.num_per_prompt is not None and cfg.num_per_prompt > MAX_IMAGES_PER_PROMPT:
         raise UserError(f"--num_per_prompt {cfg.num_per_prompt}: at most {MAX_IMAGES_PER_PROMPT} images per prompt")
+    if not -1 <= cfg.lora_strength <= 1:
+        raise UserError(f"--lora_strength {cfg.lora_strength}: give a strength from -1 to 1 (1: the erasure)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +234,10 @@ class SampleConfig:
     )
     model: str | None = option(None, "A diffusers folder, a hub id or toy (default: the --workdir run's, else toy).")
     workdir: str | None = option(None, "Sample from this erase run's latest checkpoint.")
-    esd: str | None = option(None, "Sample with an official-format ESD delta (.safetensors, diffusers keys).")
+    esd: str | None = option(
+        None, "Sample with an official-format ESD delta (.safetensors, diffusers keys) or a kohya or diffusers LoRA."
+    )
+    lora_strength: float = option(1.0, LORA_STRENGTH_HELP)
     steps: int | None = option(None, "Denoising steps (default: 50; the toy model's 25).")
     guidance: float | None = option(None, "Classifier-free guidance scale, 1: none (default: 7.5; the toy model's 4).")
     num_per_prompt: int = option(1, "Images per prompt.")
@@ -299,7 +316,8 @@ class EvaluateConfig(JudgeOptions):
 
     model: str | None = option(None, "The base model (default: the --workdir run's model, else toy).")
     workdir: str | None = option(None, "The erased model: this erase run's latest checkpoint.")
-    esd: str | None = option(None, "The erased model: an official-format ESD delta (.safetensors).")
+    esd: str | None = option(None, "The erased model: an official-format ESD delta or a LoRA (.safetensors).")
+    lora_strength: float = option(1.0, LORA_STRENGTH_HELP)
     concept: str | None = option(
         None, "The erased concept: toy: a colour, shape or style (default: the run's); else what clip/classifier ask."
     )

@@ -6,6 +6,8 @@ conditioned on the concept, it predicts the frozen model's noise pushed away fro
     target = e_base - eta * (e_c - e_0),  e_base = e_0 (paper) or e_f (erase-from, official code).
 With retain prompts r, every step also trains as many retain pairs, sampled under r, towards the frozen
 model's own prediction e_r there, weighted by lambda: loss = mean(ESD) + lambda mean((e_theta(x_r, r) - e_r)^2).
+The trained model e_theta runs the trained weights, or for a LoRA run the frozen ones with the adapters merged
+in (trained_unet); the frozen model runs the originals.
 """
 
 import dataclasses
@@ -19,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from esd_jax import conditioning, parallel
+from esd_jax import conditioning, lora, parallel
 from esd_jax.conditioning import concat, repeat, take
 from esd_jax.parallel import AXIS
 from esd_jax.robust import Robust, adversarial_cond, attacked
@@ -281,18 +283,31 @@ def esd_target(
     return jax.lax.stop_gradient(targets(objective, e_0, e_c, e_base, retained))
 
 
-def squared_errors(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
+def trained_weights(trainable, original):
+    """The trained layers' weights the trained model runs with: the `trainable` ones themselves, or for a
+    LoRA run (trainable: lora.Adapters) the frozen `original` ones with the adapters merged in."""
+    return lora.merged(original, trainable) if isinstance(trainable, lora.Adapters) else trainable
+
+
+def trained_unet(graphdef, trainable, original, frozen):
+    """The model being trained, with the `trainable` parameters (trained_weights)."""
+    return nnx.merge(graphdef, trained_weights(trainable, original), frozen)
+
+
+def squared_errors(trainable, original, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """(e_theta(x_t, t, cond) - target)^2 for the model with the `trainable` parameters."""
-    e_theta = nnx.merge(graphdef, trainable, frozen)(x_t, t, **cond)
+    e_theta = trained_unet(graphdef, trainable, original, frozen)(x_t, t, **cond)
     return jnp.square(e_theta.astype(jnp.float32) - target)
 
 
-def esd_loss(trainable, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
+def esd_loss(trainable, original, frozen, graphdef, x_t: jax.Array, t: jax.Array, cond, target: jax.Array):
     """mean((e_theta(x_t, t, cond) - target)^2) for the model with the `trainable` parameters."""
-    return jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target))
+    return jnp.mean(squared_errors(trainable, original, frozen, graphdef, x_t, t, cond, target))
 
 
-def step_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: float, retains: bool, adversarial=None):
+def step_loss(
+    trainable, original, frozen, graphdef, x_t, t, cond, target, retain_weight: float, retains: bool, adversarial=None
+):
     """(the loss of one device's rows, its parts): the ESD loss of the erase rows, with retain prompts
     (`retains`: each device's erase rows, then as many retain rows: interleaved) + retain_weight x the
     retain rows' loss, and with `adversarial` conditioning (robust.py) of the first erase rows + their ESD
@@ -302,7 +317,7 @@ def step_loss(trainable, frozen, graphdef, x_t, t, cond, target, retain_weight: 
         extra = conditioning.count(adversarial)
         x_t, t, target = (jnp.concatenate([a, a[:extra]]) for a in (x_t, t, target))
         cond = concat([cond, adversarial])
-    squared = jnp.mean(squared_errors(trainable, frozen, graphdef, x_t, t, cond, target), axis=(1, 2, 3))
+    squared = jnp.mean(squared_errors(trainable, original, frozen, graphdef, x_t, t, cond, target), axis=(1, 2, 3))
     losses = {"loss": jnp.mean(squared[:erase])}
     total = losses["loss"]
     if retains:
@@ -351,7 +366,10 @@ def local_pairs(
         sampler = nnx.merge(graphdef, original, frozen)
         x_t, e_0, e_c = partial_sample(sampler, schedule, objective, noise, k, f, prompts.null, predictions=True)
         return x_t, targets(objective, e_0, e_c, e_0, retained)
-    sampler = original if objective.xt_model == "frozen" else jax.lax.stop_gradient(trainable)
+    if objective.xt_model == "frozen":
+        sampler = original
+    else:
+        sampler = jax.lax.stop_gradient(trained_weights(trainable, original))
     x_t = partial_sample(nnx.merge(graphdef, sampler, frozen), schedule, objective, noise, k, f, prompts.null)
     t = jnp.asarray(schedule.timesteps(objective.ddim_steps))[k]
     return x_t, esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, f, prompts.null, retained)
@@ -397,12 +415,15 @@ class TrainStep:
         self.pairs, self.update = pairs, update
 
     def __call__(self, state: TrainState, frozen, original, prompts: Prompts, cache=None):
-        return self.update(state, frozen, prompts, self.pairs(state, frozen, original, prompts, cache))
+        return self.update(state, frozen, original, prompts, self.pairs(state, frozen, original, prompts, cache))
 
     def programs(self, state: TrainState, frozen, original, prompts: Prompts, cache=None) -> list[tuple]:
         """(jitted function, its arguments) of each program, for arrays or shapes."""
         pairs = jax.eval_shape(self.pairs, state, frozen, original, prompts, cache)
-        return [(self.pairs, (state, frozen, original, prompts, cache)), (self.update, (state, frozen, prompts, pairs))]
+        return [
+            (self.pairs, (state, frozen, original, prompts, cache)),
+            (self.update, (state, frozen, original, prompts, pairs)),
+        ]
 
 
 def make_train_step(
@@ -440,7 +461,7 @@ def make_train_step(
         """How many of a device's b rows, the first, are erase rows (interleaved)."""
         return b // 2 if retains else b
 
-    def local_trained(trainable, frozen, prompts, x_t, t, prompt, target, adversary):
+    def local_trained(trainable, original, frozen, prompts, x_t, t, prompt, target, adversary):
         cond = row_prompts(prompts, prompt)[1]
         retains = prompts.retain is not None
         adversarial = None
@@ -448,14 +469,14 @@ def make_train_step(
             erase = erase_rows(x_t.shape[0], retains)
             adversarial = adversarial_cond(text_graphdef, prompts.adversarial, adversary, prompt[:erase])
         (_, losses), grads = jax.value_and_grad(step_loss, has_aux=True)(
-            trainable, frozen, graphdef, x_t, t, cond, target, retain_weight, retains, adversarial
+            trainable, original, frozen, graphdef, x_t, t, cond, target, retain_weight, retains, adversarial
         )
         return jax.lax.pmean(losses, AXIS), jax.lax.pmean(grads, AXIS)
 
     def local_attacked(trainable, frozen, original, prompts, adversary, x_t, t, prompt):
         erase = erase_rows(x_t.shape[0], prompts.retain is not None)
         c = row_prompts(prompts, prompt)[0]
-        model = nnx.merge(graphdef, jax.lax.stop_gradient(trainable), frozen)
+        model = trained_unet(graphdef, jax.lax.stop_gradient(trainable), original, frozen)
         frozen_model = nnx.merge(graphdef, original, frozen)
         rows = (x_t[:erase], t[:erase], take(c, jnp.arange(erase)), prompt[:erase])
         return attacked(model, frozen_model, text_graphdef, robust, prompts.adversarial, adversary, *rows)
@@ -524,17 +545,28 @@ def make_train_step(
         x_t, target = sampled(state.trainable, frozen, original, prompts, k, prompt, noise_keys)
         return Pairs(x_t=x_t, target=target, prompt=prompt, k=k)
 
+    # `original` is an argument of the update for LoRA runs, whose trained model is the frozen originals
+    # plus the adapters; a full-weight run's update does not use it, and jit leaves it out of the program.
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def update(state: TrainState, frozen, prompts: Prompts, pairs: Pairs):
+    def update(state: TrainState, frozen, original, prompts: Prompts, pairs: Pairs):
+        weights = parallel.local_specs(original), parallel.local_specs(frozen)
         trained = jax.shard_map(
             local_trained,
             mesh=mesh,
-            in_specs=(P(), parallel.local_specs(frozen), P(), batch, batch, batch, batch, P()),
+            in_specs=(P(), *weights, P(), batch, batch, batch, batch, P()),
             out_specs=(P(), P()),
             check_vma=False,
         )
         losses, grads = trained(
-            state.trainable, frozen, prompts, pairs.x_t, timesteps[pairs.k], pairs.prompt, pairs.target, pairs.adversary
+            state.trainable,
+            original,
+            frozen,
+            prompts,
+            pairs.x_t,
+            timesteps[pairs.k],
+            pairs.prompt,
+            pairs.target,
+            pairs.adversary,
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)

@@ -71,3 +71,27 @@ def trainable_filter(unet: nnx.Module, method: str) -> Callable[[tuple, object],
     """The NNX filter (path, variable) -> bool that selects `method`'s parameters."""
     keys = trainable_keys(unet, method)
     return lambda path, _: _path_key(path) in keys
+
+
+def adapted_filter(unet: nnx.Module, method: str) -> Callable[[tuple, object], bool]:
+    """The NNX filter of the weights a LoRA run adapts: those of `method`'s layers, not their biases."""
+    keys = {k for k in trainable_keys(unet, method) if k.endswith(".weight")}
+    return lambda path, _: _path_key(path) in keys
+
+
+def split_for_erase(unet: nnx.Module, method: str, lora_rank: int = 0, lora_alpha: float = 1.0, seed: int = 0):
+    """(graphdef, trainable, original, frozen) of an erase run: `trainable` what the optimizer trains,
+    `original` the frozen values of the trained layers' weights, `frozen` the rest of the UNet.
+
+    Full weights (lora_rank 0): trainable and original are the same selected parameters (the caller copies
+    them, since the step donates the trainable ones). LoRA: original is the selected layers' weights as they
+    are, split off the UNet rather than copied, and trainable their lora.Adapters."""
+    from flax import nnx
+
+    from esd_jax import lora
+
+    if not lora_rank:
+        graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, method), ...)
+        return graphdef, trainable, trainable, frozen
+    graphdef, original, frozen = nnx.split(unet, adapted_filter(unet, method), ...)
+    return graphdef, lora.init(original, lora_rank, lora_alpha, seed), original, frozen

@@ -38,7 +38,7 @@ from esd_jax.esd import (
     step_inputs,
 )
 from esd_jax.parallel import AXIS
-from esd_jax.partition import trainable_filter
+from esd_jax.partition import split_for_erase
 from esd_jax.pipeline import StableDiffusion, abstract_pipeline
 from esd_jax.schedulers import NoiseSchedule
 from esd_jax.train import side_by_side
@@ -369,7 +369,9 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     pipe = abstract_pipeline(cfg.model, cfg.dtype)
     shape = pipe.latent_shape(cfg.resolution)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
-    graphdef, trainable, frozen = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
+    graphdef, trainable, original, frozen = split_for_erase(
+        pipe.unet, cfg.method, cfg.lora_rank, cfg.lora_alpha, cfg.seed
+    )
     optimizer = optax.adam(cfg.learning_rate)
     prompts = prompt_shapes(pipe, len(cfg.concepts), len(cfg.erase_froms), len(cfg.retains))
     adversary, text_graphdef = None, None
@@ -377,13 +379,19 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         prompts, adversary, text_graphdef = robust_shapes(pipe, prompts, cfg.robust_tokens)
     state = jax.eval_shape(lambda t: initial_state(t, optimizer, cfg.seed, adversary), trainable)
     inputs, shardings = step_inputs(
-        mesh, state, frozen, trainable, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
+        mesh, state, frozen, original, prompts, shard_params=cfg.shard_params, frozen_dtype=cfg.frozen_dtype
     )
     state, frozen, original, prompts = placed(inputs, shardings)
     objective, step_fn = make_erase_step(cfg, graphdef, schedule, shape, optimizer, mesh, text_graphdef)
+    # A LoRA run's originals are the adapted weights themselves, split off the frozen UNet: not a copy.
+    trained, originals = (
+        (f"LoRA adapters (rank {cfg.lora_rank}, {cfg.method})", "frozen weights the adapters adapt")
+        if cfg.lora_rank
+        else (f"trained weights ({cfg.method})", "their originals")
+    )
     memory = {
-        f"trained weights ({cfg.method})": per_device_bytes(state.trainable),
-        "their originals": per_device_bytes(original),
+        trained: per_device_bytes(state.trainable),
+        originals: per_device_bytes(original),
         "frozen weights": per_device_bytes(frozen),
         "optimizer state (Adam)": per_device_bytes(state.opt_state),
         "prompt embeddings": per_device_bytes(dataclasses.replace(prompts, adversarial=None)),

@@ -162,8 +162,9 @@ class StopSignal:
 MAX_DELTA_NAME = 200
 
 
-def delta_filename(concept: str, erase_from: str, method: str) -> str:
-    """The official esd_sd.py's name: esd-<concept>-from-<erase_from or concept>-<method without '-'>.
+def delta_filename(concept: str, erase_from: str, method: str, lora_rank: int = 0) -> str:
+    """The official esd_sd.py's name: esd-<concept>-from-<erase_from or concept>-<method without '-'>; a LoRA
+    run's kohya file adds -lora<rank>.
 
     A name too long for a file system (a dozen concepts) keeps its start and ends in a hash of the prompts.
     """
@@ -171,11 +172,12 @@ def delta_filename(concept: str, erase_from: str, method: str) -> str:
     def clean(text: str) -> str:
         return re.sub(r"[^\w.-]+", "_", text.strip().replace(" ", "_"))
 
-    name = f"esd-{clean(concept)}-from-{clean(erase_from or concept)}-{method.replace('-', '')}.safetensors"
+    kind = method.replace("-", "") + (f"-lora{lora_rank}" if lora_rank else "")
+    name = f"esd-{clean(concept)}-from-{clean(erase_from or concept)}-{kind}.safetensors"
     if len(name.encode()) <= MAX_DELTA_NAME:
         return name
     digest = hashlib.sha256(f"{concept}\0{erase_from}".encode()).hexdigest()[:12]
-    tail = f"-{digest}-{method.replace('-', '')}.safetensors"
+    tail = f"-{digest}-{kind}.safetensors"
     head = name.encode()[: MAX_DELTA_NAME - len(tail)].decode(errors="ignore")
     return head + tail
 
@@ -184,6 +186,16 @@ def write_delta(tensors: dict[str, np.ndarray], path: Path) -> None:
     """Writes diffusers-keyed tensors for `unet.load_state_dict(load_file(path), strict=False)`, atomically."""
     with atomic_file(path) as tmp:
         weights.write_safetensors(tensors, tmp)
+
+
+def write_lora(found, path: Path, fmt: str, metadata: dict[str, str] | None = None) -> None:
+    """Writes lora.Factors as a kohya ("kohya") or diffusers ("diffusers", PEFT names) LoRA file, atomically."""
+    from esd_jax import lora
+
+    tensors = lora.kohya_tensors(found) if fmt == "kohya" else lora.peft_tensors(found)
+    extra = lora.kohya_metadata(found) if fmt == "kohya" else {}
+    with atomic_file(path) as tmp:
+        weights.write_safetensors(tensors, tmp, {**extra, **(metadata or {})})
 
 
 def read_config(workdir: Path):
@@ -202,20 +214,18 @@ def read_config(workdir: Path):
     return cfg
 
 
-def apply_run(pipe, workdir: Path, *, step: int | None = None):
-    """Sets `pipe.unet`'s trained weights to the run's checkpoint at `step` (default: the latest).
-
-    `pipe` None loads the run's model first. Returns (pipe, the run's EraseConfig, the step restored).
-    """
-    from flax import nnx
-
+def restore_run(pipe, workdir: Path, *, step: int | None = None):
+    """The run's checkpoint at `step` (default: the latest) read back beside `pipe` (None: the run's model,
+    loaded): (pipe, its EraseConfig, the step, the trained state, the base values of the trained weights).
+    The trained state is an nnx.State of the trained weights, or a LoRA run's lora.Adapters; `pipe` is as
+    it was."""
     from esd_jax import checkpoints
-    from esd_jax.partition import trainable_filter
+    from esd_jax.partition import split_for_erase
     from esd_jax.pipeline import load_pipeline
 
     cfg = read_config(workdir)
     pipe = load_pipeline(cfg.model) if pipe is None else pipe
-    _, trainable, _ = nnx.split(pipe.unet, trainable_filter(pipe.unet, cfg.method), ...)
+    _, trainable, original, _ = split_for_erase(pipe.unet, cfg.method, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     manager = checkpoints.open_manager(workdir, read_only=True)
     try:
         step = checkpoints.saved_step(manager, step)
@@ -229,7 +239,27 @@ def apply_run(pipe, workdir: Path, *, step: int | None = None):
             ) from None
     finally:
         manager.close()
-    nnx.update(pipe.unet, trained)
+    return pipe, cfg, step, trained, original
+
+
+def apply_run(pipe, workdir: Path, *, step: int | None = None, strength: float = 1.0):
+    """Sets `pipe.unet`'s trained weights to the run's checkpoint at `step` (default: the latest); a LoRA
+    run's adapters are merged into the weights they adapt, at `strength` (1: as trained).
+
+    `pipe` None loads the run's model first. Returns (pipe, the run's EraseConfig, the step restored).
+    """
+    import jax
+    from flax import nnx
+
+    from esd_jax import lora
+    from esd_jax.esd import trained_weights
+
+    pipe, cfg, step, trained, original = restore_run(pipe, workdir, step=step)
+    if isinstance(trained, lora.Adapters):
+        merged = lora.merged(original, trained, strength)
+    else:
+        merged = trained_weights(trained, original)
+    nnx.update(pipe.unet, jax.tree.map(lambda w, o: w.astype(o.dtype), merged, original))
     return pipe, cfg, step
 
 
@@ -253,30 +283,60 @@ def base_model(model: str | None, workdir: Path | None) -> str:
     return EMBEDDED_NAME if model is None else model
 
 
-def check_erasure(workdir: Path | None, esd: Path | None) -> None:
-    """The erased weights a command was given, at most one of: a run (its checkpoint) or a delta file."""
+def check_erasure(workdir: Path | None, esd: Path | None, strength: float = 1.0) -> None:
+    """The erased weights a command was given, at most one of: a run (its checkpoint) or a delta or LoRA file;
+    a strength other than 1 only for a LoRA (a LoRA run, or a LoRA file)."""
+    from esd_jax import lora
+
     if workdir is not None and esd is not None:
-        raise UserError("give either --workdir (an erase run) or --esd (a delta file), not both")
+        raise UserError("give either --workdir (an erase run) or --esd (a delta or LoRA file), not both")
     if esd is not None and not Path(esd).is_file():
         raise UserError(f"--esd {esd}: no such file")
     if workdir is not None:
-        read_config(workdir)
+        cfg = read_config(workdir)
+        if strength != 1 and not cfg.lora_rank:
+            raise UserError(
+                f"--lora_strength {strength:g}: run {workdir} trained full weights, not a LoRA; leave it out, or "
+                f"export the run as one (esd-jax export --format lora-kohya --rank R) and pass that with --esd"
+            )
+    if esd is not None and strength != 1 and not lora.is_lora_file(dict.fromkeys(safetensors_keys(esd))):
+        raise UserError(f"--lora_strength {strength:g}: --esd {esd} is a delta file, not a LoRA; leave it out")
 
 
-def apply_erasure(pipe, workdir: Path | None, esd: Path | None, *, step: int | None = None) -> None:
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return list(f.keys())
+    except Exception:  # safetensors raises bare exceptions for foreign files
+        weights.read_safetensors(path)  # its one line says why
+        raise
+
+
+def apply_erasure(
+    pipe, workdir: Path | None, esd: Path | None, *, step: int | None = None, strength: float = 1.0
+) -> None:
     """Loads the erased weights into `pipe.unet`: the run's checkpoint at `step` (default: the latest), or
-    the delta file."""
+    the delta or LoRA file; a LoRA at `strength`."""
     if workdir is not None:
-        apply_run(pipe, workdir, step=step)
+        apply_run(pipe, workdir, step=step, strength=strength)
     else:
-        apply_delta(pipe, esd)
+        apply_delta(pipe, esd, strength=strength)
 
 
-def apply_delta(pipe, path: Path) -> None:
-    """Loads an official-format ESD delta (a subset of the UNet's weights, diffusers keys) into `pipe.unet`."""
+def apply_delta(pipe, path: Path, *, strength: float = 1.0) -> None:
+    """Loads an official-format ESD delta (a subset of the UNet's weights, diffusers keys) into `pipe.unet`,
+    or merges a kohya or diffusers LoRA file into it at `strength` (esd_jax.lora)."""
     import jax.numpy as jnp
 
+    from esd_jax import lora
+
     tensors = weights.read_safetensors(path)
+    if lora.is_lora_file(tensors):
+        lora.apply_lora(pipe, path, strength, tensors)
+        return
     for key, value in tensors.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 included, which numpy does not know
             raise UserError(f"{path}: {key!r} holds {value.dtype} numbers, not weights; is this an ESD delta file?")

@@ -14,19 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from tqdm.auto import tqdm
 
-from esd_jax import checkpoints, conditioning, parallel, run, weights
+from esd_jax import checkpoints, conditioning, lora, parallel, run, weights
 from esd_jax.config import RESUMABLE_CHANGES, EraseConfig
 from esd_jax.errors import UserError
 from esd_jax.esd import Prompts, cache_of, initial_state, make_erase_step, step_inputs
 from esd_jax.files import check_writable
 from esd_jax.metrics import MetricsLog, plot_loss
-from esd_jax.partition import trainable_filter
+from esd_jax.partition import split_for_erase
 from esd_jax.pipeline import StableDiffusion, load_pipeline, locate
 from esd_jax.robust import robust_inputs
-from esd_jax.run import delta_filename, write_delta
+from esd_jax.run import delta_filename, write_delta, write_lora
 from esd_jax.schedulers import NoiseSchedule
 from esd_jax.trajectories import make_trajectory_sampler
 
@@ -52,7 +51,8 @@ def encode_prompts(pipe: StableDiffusion, cfg: EraseConfig) -> Prompts:
 
 
 def erase(cfg: EraseConfig) -> Path:
-    """Runs (or resumes) an erase; returns the path of the delta safetensors it writes."""
+    """Runs (or resumes) an erase; returns the path of the delta safetensors it writes (a LoRA run's: its
+    kohya LoRA file)."""
     parallel.initialize_distributed()
     workdir = Path(cfg.workdir).absolute()
     main = parallel.is_main_process()
@@ -89,7 +89,7 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     run.check_erase_workdir(workdir, settings, RESUMABLE_CHANGES, model_folder, done, defaults)
     # What can fail at the end fails now, before the run's work: the delta's name on this file system,
     # and a workdir already past the iterations asked for.
-    out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method)
+    out = workdir / delta_filename(cfg.concept, cfg.erase_from, cfg.method, cfg.lora_rank)
     if main:
         check_writable(out)
     if done is not None and done > cfg.iterations:
@@ -120,10 +120,11 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     del pipe  # the VAE (and but for robust erasure the text encoder) is not needed on device from here on
 
     kinds = weights.layouts(unet)
-    graphdef, trainable, frozen = nnx.split(unet, trainable_filter(unet, cfg.method), ...)
+    graphdef, trainable, original, frozen = split_for_erase(unet, cfg.method, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     del unet
-    # Copied first: placing on the mesh may keep a device's buffer, and the step donates the trainable ones.
-    original = jax.tree.map(jnp.copy, trainable)
+    if not cfg.lora_rank:
+        # Copied first: placing on the mesh may keep a device's buffer, and the step donates the trainable ones.
+        original = jax.tree.map(jnp.copy, original)
     optimizer = optax.adam(cfg.learning_rate)
     state = initial_state(trainable, optimizer, cfg.seed, adversary)
     inputs, placed = step_inputs(
@@ -229,6 +230,8 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     if int(state.step) < cfg.iterations:
         print(f"stopped at step {int(state.step)} of {cfg.iterations} (SIGTERM); the same command resumes")
         return out
-    if main:
+    if main and cfg.lora_rank:
+        write_lora(lora.factors(state.trainable, kinds), out, "kohya")
+    elif main:
         write_delta(weights.torch_tensors(state.trainable, kinds), out)
     return out

@@ -184,7 +184,7 @@ def flop_programs(config: dict, dtype: str) -> dict:
         return esd_target(nnx.merge(graphdef, original, frozen), objective, x_t, t, c, c, null)
 
     def forward_backward(trainable, frozen, x_t, t, c, target):
-        return jax.value_and_grad(esd_loss)(trainable, frozen, graphdef, x_t, t, c, target)
+        return jax.value_and_grad(esd_loss)(trainable, trainable, frozen, graphdef, x_t, t, c, target)
 
     # partial_sample's loop runs k steps, a number XLA cannot know, so its cost is one guided step's.
     return {

@@ -95,6 +95,7 @@ def test_target_and_loss_match_a_pytorch_computation(sd1, erase_from):
     _, trainable, frozen = nnx.split(esd, trainable_filter(esd, "esd-x"), ...)
     got_loss = esd_loss(
         trainable,
+        trainable,  # a full-weight model's trained weights are the trainable ones: no originals used
         frozen,
         graphdef,
         jnp.asarray(x_t.numpy()),
@@ -448,7 +449,7 @@ def test_the_retain_loss_adds_its_weighted_gradient(sd1):
     step = make_train_step(graphdef, schedule, obj, sgd, mesh, 2, retain_weight=0.5)
     state, frozen_m, original_m, prompts = parallel.place((state, frozen, original, kept), mesh)
     pairs = step.pairs(state, frozen_m, original_m, prompts)
-    state, metrics = step.update(state, frozen_m, prompts, pairs)
+    state, metrics = step.update(state, frozen_m, original_m, prompts, pairs)
     pairs, metrics, after = jax.device_get((pairs, metrics, state.trainable))
     cond = take(concat([kept.concept, kept.retain]), pairs.prompt)
     e_args = (pairs.x_t, timesteps[pairs.k])

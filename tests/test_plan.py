@@ -119,6 +119,26 @@ def test_the_step_arguments_are_the_weights_optimizer_and_prompts_counted_from_p
     assert recipe_plan.topo.devices == 4 and recipe_plan.topo.chip.name == "v5e"
 
 
+@pytest.mark.slow
+def test_a_lora_plan_holds_the_adapters_and_no_copy_of_the_originals(configs_only):
+    unet = torch_unet()
+    layers = [m for n, m in unet.named_modules() if "attn2" in n and isinstance(m, torch.nn.Linear)]
+    adapters = 4 * 4 * sum(m.in_features + m.out_features for m in layers)  # rank 4, float32
+    adapted = 4 * sum(m.weight.numel() for m in layers)
+    params = 4 * sum(p.numel() for p in unet.parameters())
+    adam = 2 * adapters + 4
+    prompts = 4 * (2 + 1) * TEXT["max_position_embeddings"] * TEXT["hidden_size"]
+    found = plan.plan_erase(erase_config(configs_only, lora_rank=4), TOPOLOGY)
+    memory = found.memory
+    assert memory["LoRA adapters (rank 4, esd-x)"] == adapters
+    assert memory["frozen weights the adapters adapt"] == adapted
+    assert memory["frozen weights"] + adapted == params  # the UNet once: the adapted weights are not copied
+    assert memory["optimizer state (Adam)"] == adam
+    pairs, update = found.programs
+    pairs_out = 2 * 4 * 4 * 16 * 16 * 4 // 4 + 2 * 4
+    assert update.argument_bytes == pytest.approx(params + adapters + adam + prompts + 12 + pairs_out, rel=0.01)
+
+
 def test_flops_per_unet_call_match_pytorchs_count(recipe_plan):
     (call,) = recipe_plan.calls  # the sampling loop's: 2 (CFG) x 1 sample per device
     x = torch.zeros(2, 4, UNET["sample_size"], UNET["sample_size"])

@@ -106,7 +106,7 @@ def test_the_inner_attack_runs_on_its_steps_and_brings_the_concept_back(robust_s
     want_loss = np.mean((predictions(s, state.trainable, pairs, cond) - target) ** 2)
     want_adversarial = np.mean((predictions(s, state.trainable, pairs, adversarial) - target) ** 2)
     copied = jax.tree.map(jnp.copy, state)  # the update donates its state
-    new_state, metrics = s["step"].update(copied, s["frozen"], s["prompts"], pairs)
+    new_state, metrics = s["step"].update(copied, s["frozen"], s["original"], s["prompts"], pairs)
     np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["adversarial_loss"]), want_adversarial, rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(new_state.adversary), np.asarray(pairs.adversary))

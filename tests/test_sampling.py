@@ -354,6 +354,15 @@ def test_a_damaged_record_is_refused_before_loading_anything(tmp_path, capsys, t
     assert snapshot(out) == before
 
 
+def test_a_record_from_before_lora_strengths_reads_as_strength_one(tmp_path):
+    from esd_jax.sampling.record import FolderRecord
+
+    settings = dict.fromkeys(FOLDER_KEYS) | {"model_files": []}
+    del settings["lora_strength"]
+    (tmp_path / "sample.json").write_text(record_text(settings=settings))
+    assert FolderRecord(tmp_path).settings["lora_strength"] == 1.0
+
+
 def test_an_out_that_is_a_file_is_refused_before_loading_anything(tmp_path, capsys):
     out = tmp_path / "out.png"
     out.write_bytes(b"not a folder")

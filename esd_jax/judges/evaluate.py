@@ -89,6 +89,7 @@ def sampled_folders(cfg: EvaluateConfig, per_prompt: int) -> dict[str, Path]:
         model=cfg.model,
         workdir=cfg.workdir,
         esd=cfg.esd,
+        lora_strength=cfg.lora_strength,
         steps=cfg.steps,
         guidance=cfg.guidance,
         num_per_prompt=per_prompt,

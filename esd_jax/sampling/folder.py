@@ -141,7 +141,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
     cfg.validate()
     out = Path(cfg.out)
     workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
-    check_erasure(workdir, esd)
+    check_erasure(workdir, esd, cfg.lora_strength)
     rows = [PromptRow(cfg.prompt, cfg.seed, 0)] if cfg.prompt is not None else read_prompts_csv(Path(cfg.prompts))
     record = FolderRecord(out)
     base_record = FolderRecord(out / "base") if cfg.compare else None
@@ -177,6 +177,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
         esd=None,
         model_files=fingerprint(model_folder),
         esd_sha256=None,
+        lora_strength=1.0,
         steps=steps,
         guidance=float(guidance),
         scheduler=scheduler,
@@ -191,6 +192,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
         workdir=workdir and str(workdir.resolve()),
         esd=esd and str(esd.resolve()),
         esd_sha256=esd and sha256(esd),
+        lora_strength=cfg.lora_strength,
         checkpoint_step=step,
         # A run redone in the same workdir reaches the same step with other weights: its files show it.
         checkpoint_files=None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
@@ -211,7 +213,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
         images=len(rows) * num_per_prompt,
     )
     if workdir is not None or esd is not None:
-        apply_erasure(pipe, workdir, esd, step=settings["checkpoint_step"])
+        apply_erasure(pipe, workdir, esd, step=settings["checkpoint_step"], strength=cfg.lora_strength)
     record.settings = settings
 
     made = 0

@@ -27,6 +27,7 @@ FOLDER_KEYS = (
     "esd",
     "model_files",
     "esd_sha256",
+    "lora_strength",
     "steps",
     "guidance",
     "scheduler",
@@ -155,6 +156,8 @@ class FolderRecord:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{self.path} is damaged (not JSON: {e}); {way_out}") from None
+        if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+            data["settings"].setdefault("lora_strength", 1.0)  # a record from before LoRA files: as trained
         problem = shape_problem(data)
         if problem:
             raise UserError(f"{self.path} is damaged or from an older esd-jax ({problem}); {way_out}")

@@ -344,7 +344,7 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
 
     cfg.validate()
     workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
-    check_erasure(workdir, esd)
+    check_erasure(workdir, esd, cfg.lora_strength)
     run_config = read_config(workdir) if workdir is not None else None
     parsed = parse_concept(run_concept(run_config) if cfg.concept is None else cfg.concept)
     model = base_model(cfg.model, workdir)
@@ -361,7 +361,7 @@ def evaluate_erasure(cfg: EvaluateConfig) -> dict[str, Any]:
     erased = None
     if workdir is not None or esd is not None:
         erased = load_pipeline(model)
-        apply_erasure(erased, workdir, esd)
+        apply_erasure(erased, workdir, esd, strength=cfg.lora_strength)
         erased = erased.unet
     result = evaluate(pipe, parsed, erased, cfg, grid)
     print(table(result))
