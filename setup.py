@@ -32,7 +32,7 @@ setup(
     extras_require={
         # PyTorch is only the reference in tests and the loader check of exports; install the CPU
         # build first (`pip install torch==2.13.0`) or this pulls a multi-GB CUDA build.
-        "torch": ["torch>=2.4", "diffusers>=0.35"],
+        "torch": ["torch>=2.4", "diffusers>=0.35", "peft>=0.17"],
         # libtpu (through jax[tpu], about 140 MB) compiles for TPU topologies on any host: `esd-jax plan`.
         "tpu": ["jax[tpu]>=0.10"],
         # The judges of `esd-jax evaluate --prompts`: NudeNet's detector (its ONNX model ships in the wheel) on
@@ -54,6 +54,8 @@ setup(
             "onnxruntime>=1.17",
             # The lpips and fid judges' checks before torchvision; what needs torchvision is skipped without it.
             "torchmetrics>=1.9",
+            # diffusers' load_lora_weights, the reference loader of the LoRA exports, runs on PEFT.
+            "peft>=0.17",
         ],
     },
     entry_points={"console_scripts": ["esd-jax=esd_jax.cli:main"]},
