@@ -23,7 +23,7 @@ makes the erasure robust to adversarial prompts (esd_jax/robust.py, after AdvUnl
 an inner attack of 10 Adam steps (esd-jax attack's embedding attacker at its learning rate, against the
 frozen model's prediction under "red" on the step's own x_t) finds the 5-token prefix under which the
 model being trained draws red again, and every iteration also trains the erasure under it. An iteration
-costs about 3x the plain one; the other colours keep their accuracy as well (README, "Does the erasure
+costs about 2.6x the plain one; the other colours keep their accuracy as well (README, "Does the erasure
 hold?").
 """
 

@@ -149,13 +149,17 @@ def recount(folder, names: list[str], concept: str) -> float:
     return float(np.mean(reading.colour == concept))
 
 
-def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_delta, tmp_path, capsys):
-    out = tmp_path / "attack"
-    args = [
+def attack_args(erased_delta, out) -> list[str]:
+    return [
         "esd-jax", "attack", "--model", "toy", "--esd", str(erased_delta), "--concept", "red", "--out", str(out),
         "--num_per_prompt", "1", "--attack_steps", "3", "--draws", "1", "--steps", "5", "--batch_size", "8",
         "--tokens", str(TOKENS), "--seed", "0",
     ]  # fmt: skip
+
+
+def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_delta, tmp_path, capsys):
+    out = tmp_path / "attack"
+    args = attack_args(erased_delta, out)
     assert main(args) == 0
     report = json.loads((out / "attack.json").read_text())
     assert report["attacks"] == 7  # the toy world's seven prompts that name red
@@ -178,6 +182,14 @@ def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_del
     assert "continuing, 7 attacks already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in written} == written
 
+
+@pytest.mark.slow
+def test_an_attack_with_other_settings_starts_over(erased_delta, tmp_path, capsys):
+    out = tmp_path / "attack"
+    args = attack_args(erased_delta, out)
+    assert main(args) == 0
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p.parent != out}
+    capsys.readouterr()
     assert main([*args[:-2], "--seed", "1"]) == 0  # other settings: every attack again
     assert "made with other settings; starting over" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns != t for p, t in written.items() if p.parent.name in ("embedding", "token"))
