@@ -401,7 +401,8 @@ class AttackConfig(JudgeOptions):
     out: str | None = option(None, "Output folder: the images (base/, erased/, embedding/, token/) and the report.")
     model: str | None = option(None, "The base model (default: the --workdir run's model, else toy).")
     workdir: str | None = option(None, "The erased model: this erase run's latest checkpoint.")
-    esd: str | None = option(None, "The erased model: an official-format ESD delta (.safetensors).")
+    esd: str | None = option(None, "The erased model: an official-format ESD delta or a LoRA (.safetensors).")
+    lora_strength: float = option(1.0, LORA_STRENGTH_HELP)
     concept: str | None = option(
         None, "The erased concept: toy: a colour, shape or style (default: the run's); clip: what it looks for."
     )

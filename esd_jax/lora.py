@@ -33,7 +33,8 @@ from esd_jax.parallel import is_variable
 
 KOHYA_PREFIX = "lora_unet_"
 PEFT_PREFIX = "unet."
-# Folded into the run's key for the adapters' initial values; a step never reaches it (esd.py's streams).
+# Folded into the run's key for the adapters' initial values; a step never reaches it (esd.py's streams are
+# 2**31 - 1 to - 3, robust.py's - 5).
 INIT_STREAM = 2**31 - 4
 
 

@@ -24,7 +24,9 @@ from esd_jax.attack.search import adam_descent
 from esd_jax.errors import UserError
 from esd_jax.parallel import AXIS
 
-ADVERSARY_STREAM = 2**31 - 4  # folded into the run's key for the first prefixes; a step never reaches it
+# Folded into the run's key for the first prefixes; a step never reaches it, and the others' streams are
+# esd.py's (2**31 - 1 to - 3) and lora.py's (- 4).
+ADVERSARY_STREAM = 2**31 - 5
 
 
 @dataclasses.dataclass(frozen=True)

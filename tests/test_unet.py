@@ -185,7 +185,8 @@ def test_bfloat16_compute_is_close_to_float32():
     assert rel_err(got, want) <= 5e-2
 
 
-@pytest.mark.parametrize("name", sorted(SIZES))
+# SDXL's is the slowest to build and its blocks are SD's: it runs with the slower tests.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sdxl" else n for n in sorted(SIZES)])
 def test_full_size_unet_has_diffusers_keys_and_size(name):
     config_dict, size = SIZES[name]
     model = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(config_dict), rngs=nnx.Rngs(0)))

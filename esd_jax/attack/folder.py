@@ -69,7 +69,7 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
     from esd_jax.sampling.folder import make_out
 
     workdir, esd = (None if p is None else Path(p) for p in (cfg.workdir, cfg.esd))
-    check_erasure(workdir, esd)
+    check_erasure(workdir, esd, cfg.lora_strength)
     model = base_model(cfg.model, workdir)
     judge_name = cfg.judge or ("toy" if model == EMBEDDED_NAME else None)
     if judge_name is None:
@@ -94,6 +94,7 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
         "checkpoint_files": None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
         "esd": esd and str(esd.resolve()),
         "esd_sha256": esd and sha256(esd),
+        "lora_strength": cfg.lora_strength,
         "prompts": [[r.prompt, r.seed, r.case_number] for r in rows],
         "num_per_prompt": per_prompt,
         "steps": steps,
@@ -115,7 +116,7 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
     todo = [j for j in jobs if j.name not in done]
     sampling = dict(steps=steps, guidance=guidance, batch_size=cfg.batch_size, images=max(len(todo), 1))
     base = Sampler(pipe, **sampling)
-    apply_erasure(pipe, workdir, esd, step=step)
+    apply_erasure(pipe, workdir, esd, step=step, strength=cfg.lora_strength)
     erased = Sampler(pipe, **sampling)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
     attacker = Attacker(erased, schedule, pipe.text_encoder.config.vocab_size, tokenizer.all_special_ids)
