@@ -97,7 +97,6 @@ def test_the_inner_attack_runs_on_its_steps_and_brings_the_concept_back(robust_s
 
     before, after = attack_objective(state.adversary), attack_objective(pairs.adversary)
     assert after < 0.9 * before, (before, after)
-    assert float(pairs.attack_loss) < before  # its last Adam step's loss
 
     # The update trains ESD under the concept and under the adversarial prompt, from one loss.
     cond = row_prompts(s["prompts"], pairs.prompt)[1]
