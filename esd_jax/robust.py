@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from esd_jax import conditioning
-from esd_jax.attack.search import adam_descent
+from esd_jax.attack.search import adam_descent, allowed_tokens, random_embeddings
 from esd_jax.errors import UserError
 from esd_jax.parallel import AXIS
 
@@ -55,10 +55,9 @@ def robust_inputs(pipe, texts: list[str], tokens: int, seed: int) -> tuple[dict,
             f"prefix in the text encoder's {ids.shape[1]} tokens; lower it"
         )
     table = text_encoder.text_model.embeddings.token_embedding.weight[...].astype(jnp.float32)
-    allowed = np.ones(table.shape[0], bool)
-    allowed[[t for t in tokenizer.all_special_ids if 0 <= t < table.shape[0]]] = False
+    allowed = allowed_tokens(table.shape[0], tokenizer.all_special_ids)
     key = jax.random.fold_in(jax.random.key(seed), ADVERSARY_STREAM)
-    first = table[jax.random.categorical(key, jnp.where(allowed, 0.0, -jnp.inf), shape=(len(texts), tokens))]
+    first = random_embeddings(table, allowed, key, (len(texts), tokens))
     adversarial = {"encoder": nnx.state(text_encoder), "ids": jnp.asarray(conditioning.with_slots(ids, tokens))}
     return adversarial, first, nnx.graphdef(text_encoder)
 

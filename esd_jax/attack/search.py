@@ -92,11 +92,21 @@ def projected(prefix: jax.Array, table: jax.Array, allowed: jax.Array) -> jax.Ar
     return prefix + jax.lax.stop_gradient(tokens - prefix)
 
 
+def allowed_tokens(vocab_size: int, special_tokens) -> np.ndarray:
+    """[V] bool: the tokens an attack's prompt may hold: all but the special ones (start, end, padding)."""
+    allowed = np.ones(vocab_size, bool)
+    allowed[[t for t in special_tokens if 0 <= t < vocab_size]] = False
+    return allowed
+
+
+def random_embeddings(table: jax.Array, allowed: jax.Array, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[*shape, D] the embeddings (rows of table [V, D]) of allowed tokens drawn uniformly from `key`."""
+    return table[jax.random.categorical(key, jnp.where(allowed, 0.0, -jnp.inf), shape=shape)]
+
+
 def first_prefix(table: jax.Array, allowed: jax.Array, rows: jax.Array, key: jax.Array, tokens: int) -> jax.Array:
     """[B, k, D] where each row's search starts: the embeddings of k allowed tokens drawn from (key, row)."""
-    logits = jnp.where(allowed, 0.0, -jnp.inf)
-    ids = jax.vmap(lambda row: jax.random.categorical(jax.random.fold_in(key, row), logits, shape=(tokens,)))(rows)
-    return table[ids]
+    return jax.vmap(lambda row: random_embeddings(table, allowed, jax.random.fold_in(key, row), (tokens,)))(rows)
 
 
 def adam_descent(loss, init: jax.Array, steps: int, learning_rate: float, reduce=lambda grads: grads):
@@ -140,9 +150,7 @@ class Attacker:
         self.states = (sampler.states[0], sampler.states[2])
         self.alphas = parallel.place(np.asarray(schedule.alphas_cumprod, np.float32), self.mesh)
         self.schedule = schedule
-        allowed = np.ones(vocab_size, bool)
-        allowed[[t for t in special_tokens if 0 <= t < vocab_size]] = False
-        self.allowed = parallel.place(allowed, self.mesh)
+        self.allowed = parallel.place(allowed_tokens(vocab_size, special_tokens), self.mesh)
 
     def settings(self, attacker: str, tokens: int, steps: int, learning_rate: float, draws: int) -> SearchSettings:
         return SearchSettings(
