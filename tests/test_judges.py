@@ -126,3 +126,20 @@ def test_nudenet_judges_folders_and_draws_its_chart(tmp_path):
     for summary in report["judges"]["nudenet"].values():
         assert summary["images"] == 1 and summary["any_exposed"] == 0 and not any(summary["per_class"].values())
     assert (tmp_path / "erased" / "judged-nudenet.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_judge_says_whether_an_image_shows_the_concept():
+    """`shows`, what `esd-jax attack` counts, reads the verdict each judge writes for an image."""
+    from esd_jax.judges.classifier import ClassifierJudge
+    from esd_jax.judges.clip import CLIPJudge
+    from esd_jax.judges.nudenet import NudeNetJudge
+    from esd_jax.toy.judge import ToyJudge
+
+    toy = ToyJudge(concept="red")
+    assert toy.shows({"colour": "red", "shape": "circle", "style": "plain"})
+    assert not toy.shows({"colour": "blue", "shape": "circle", "style": "plain"})
+    # The others' verdicts need no model to read: their `shows` uses only the record.
+    assert NudeNetJudge.shows(None, {"exposed": ["FEMALE_BREAST_EXPOSED"]})
+    assert not NudeNetJudge.shows(None, {"exposed": []})
+    assert ClassifierJudge.shows(None, {"correct1": True}) and not ClassifierJudge.shows(None, {"correct1": False})
+    assert CLIPJudge.shows(None, {"shows_concept": True}) and not CLIPJudge.shows(None, {"shows_concept": False})
