@@ -27,13 +27,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from esd_jax import checkpoints, conditioning, parallel
+from esd_jax import conditioning, parallel
 from esd_jax.attack.search import ATTACKERS, EVALUATION_STREAM, SEARCH_STREAM, Attacker
 from esd_jax.config import EMBEDDED_NAME, AttackConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file, fingerprint
 from esd_jax.sampling.prompts import PromptRow
-from esd_jax.sampling.record import sha256
+from esd_jax.sampling.record import erased_weights
 from esd_jax.sampling.sampler import Item, Sampler, to_uint8
 from esd_jax.schedulers import NoiseSchedule
 
@@ -84,17 +84,11 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
 
     out = Path(cfg.out)
     make_out(out)
-    step = workdir and checkpoints.latest_step(workdir)
     model_folder = locate(model)
     settings = {
         "model": model_name(model),
         "model_files": fingerprint(model_folder),
-        "workdir": workdir and str(workdir.resolve()),
-        "checkpoint_step": step,
-        "checkpoint_files": None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
-        "esd": esd and str(esd.resolve()),
-        "esd_sha256": esd and sha256(esd),
-        "lora_strength": cfg.lora_strength,
+        **erased_weights(workdir, esd, cfg.lora_strength),
         "prompts": [[r.prompt, r.seed, r.case_number] for r in rows],
         "num_per_prompt": per_prompt,
         "steps": steps,
@@ -116,7 +110,7 @@ def attack_to_folder(cfg: AttackConfig, rows: list[PromptRow]) -> dict[str, Any]
     todo = [j for j in jobs if j.name not in done]
     sampling = dict(steps=steps, guidance=guidance, batch_size=cfg.batch_size, images=max(len(todo), 1))
     base = Sampler(pipe, **sampling)
-    apply_erasure(pipe, workdir, esd, step=step, strength=cfg.lora_strength)
+    apply_erasure(pipe, workdir, esd, step=settings["checkpoint_step"], strength=cfg.lora_strength)
     erased = Sampler(pipe, **sampling)
     schedule = NoiseSchedule.from_config(pipe.scheduler_config)
     attacker = Attacker(erased, schedule, pipe.text_encoder.config.vocab_size, tokenizer.all_special_ids)

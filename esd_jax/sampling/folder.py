@@ -8,12 +8,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from esd_jax import checkpoints, parallel
+from esd_jax import parallel
 from esd_jax.config import EMBEDDED_NAME, SampleConfig
 from esd_jax.errors import UserError
 from esd_jax.files import atomic_file, fingerprint
 from esd_jax.sampling.prompts import PromptRow, read_prompts_csv
-from esd_jax.sampling.record import FOLDER_KEYS, RECORD, SAMPLE_MARK, FolderRecord, made_by, mark, sha256
+from esd_jax.sampling.record import FOLDER_KEYS, RECORD, SAMPLE_MARK, FolderRecord, erased_weights, made_by, mark
 from esd_jax.sampling.sampler import Item, Sampler, to_uint8
 
 MAX_GRID_ROWS = 100  # compare.png shows at most this many prompts; a taller PNG is of no use to look at
@@ -186,17 +186,7 @@ def sample_to_folder(cfg: SampleConfig) -> int:
         checkpoint_step=None,
         checkpoint_files=None,
     )
-    step = workdir and checkpoints.latest_step(workdir)
-    settings = dict(
-        base_settings,
-        workdir=workdir and str(workdir.resolve()),
-        esd=esd and str(esd.resolve()),
-        esd_sha256=esd and sha256(esd),
-        lora_strength=cfg.lora_strength,
-        checkpoint_step=step,
-        # A run redone in the same workdir reaches the same step with other weights: its files show it.
-        checkpoint_files=None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
-    )
+    settings = {**base_settings, **erased_weights(workdir, esd, cfg.lora_strength)}
     record.check(settings, FOLDER_KEYS)
     if base_record is not None:
         base_record.check(base_settings, FOLDER_KEYS)

@@ -67,6 +67,24 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def erased_weights(workdir: Path | None, esd: Path | None, strength: float) -> dict:
+    """What an erased model's weights are made of, as records keep it: the run and its latest checkpoint's
+    files (a run redone in the same workdir reaches the same step with other weights: its files show it),
+    or the delta or LoRA file's hash, and the strength."""
+    from esd_jax import checkpoints
+    from esd_jax.files import fingerprint
+
+    step = workdir and checkpoints.latest_step(workdir)
+    return {
+        "workdir": workdir and str(workdir.resolve()),
+        "esd": esd and str(esd.resolve()),
+        "esd_sha256": esd and sha256(esd),
+        "lora_strength": strength,
+        "checkpoint_step": step,
+        "checkpoint_files": None if step is None else fingerprint(checkpoints.checkpoint_folder(workdir) / str(step)),
+    }
+
+
 def shape_problem(data) -> str | None:
     """What is wrong with the shape of a sample.json's contents, if anything."""
     if not isinstance(data, dict) or data.keys() != {"settings", "images"}:
