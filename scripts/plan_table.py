@@ -1,10 +1,10 @@
 """The table of docs/accelerators.md: `esd-jax plan` for each model x method x topology x dtype.
 
-    python scripts/plan_table.py --out plans                  # every row; resumes, skipping rows done
-    python scripts/plan_table.py --out plans --only sd14      # rows whose name contains "sd14"
-    python scripts/plan_table.py --out plans --table          # print the table of the rows done so far
+    python scripts/plan_table.py                              # every row; resumes, skipping rows done
+    python scripts/plan_table.py --only sd14                  # rows whose name contains "sd14"
+    python scripts/plan_table.py --table                      # print the table of the rows done so far
 
-Each row is one `esd-jax plan` process (its compile time is its own) writing plans/<row>.json; a row
+Each row is one `esd-jax plan` process (its compile time is its own) writing docs/plans/<row>.json; a row
 already there is kept, so a run stopped midway continues where it stopped. An SD-size plan compiles for
 minutes to tens of minutes on a 2-core host.
 """
@@ -71,7 +71,7 @@ def table(out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("plans"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "plans")
     parser.add_argument("--only", default="", help="run only the rows whose name contains this")
     parser.add_argument("--table", action="store_true", help="print the table of the rows done, run nothing")
     args = parser.parse_args()
