@@ -67,7 +67,7 @@ class EraseConfig:
     checkpoint_every: int = 100  # steps between (asynchronous) Orbax checkpoints
     log_every: int = 10  # steps between reads of the metrics from the device (one wait each); rows stay per step
     keep_checkpoints: int = 3
-    shard_params: bool = False  # shard frozen weights and optimizer state over the mesh (models too big for a chip)
+    shard_params: bool = False  # FSDP: shard the weights and optimizer state over the mesh (models too big for a chip)
     # > 0: train a LoRA of this rank on the method's layers instead of their weights (esd_jax/lora.py), the UNet
     # frozen; 0: the weights themselves. LECO, the LoRA tool of the ESD loss, defaults to rank 4, alpha 1.
     lora_rank: int = 0

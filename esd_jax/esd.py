@@ -101,14 +101,21 @@ def stored_as(x, dtype: str):
     return x.astype(dtype)
 
 
+def shards_trained(shard_params: bool, trainable) -> bool:
+    """Whether the trained weights are sharded over the mesh: with `shard_params`, unless they are a LoRA
+    run's adapters, which are small enough to keep whole on every device."""
+    return shard_params and not isinstance(trainable, lora.Adapters)
+
+
 def step_inputs(
     mesh: Mesh, state: TrainState, frozen, original, prompts: Prompts, *, shard_params: bool, frozen_dtype: str
 ):
     """((state, frozen, original, prompts), their shardings): the step's inputs (arrays or shapes) as it
-    wants them. The trained weights, the step and the key are replicated; with `shard_params` the frozen
-    weights, the originals and the optimizer state are sharded over the mesh, the weights marked to be
-    gathered layer by layer where the step uses them (parallel.gathered_where_used). The frozen weights
-    and the originals are stored in `frozen_dtype`; the trained weights and Adam's moments stay float32."""
+    wants them. Without `shard_params` every array is replicated. With it (FSDP) the frozen weights, the
+    originals, the trained weights (shards_trained) and the optimizer state are sharded over the mesh,
+    and the step gathers each weight layer by layer where it uses it (parallel.gathered_where_used). The
+    frozen weights and the originals are stored in `frozen_dtype`; the trained weights and Adam's
+    moments stay float32."""
     if frozen_dtype != "float32":
         frozen, original = (jax.tree.map(lambda x: stored_as(x, frozen_dtype), t) for t in (frozen, original))
     if shard_params:
@@ -119,7 +126,7 @@ def step_inputs(
 
     placed = TrainState(
         step=parallel.shardings(state.step, mesh),
-        trainable=parallel.shardings(state.trainable, mesh),
+        trainable=parallel.shardings(state.trainable, mesh, shard=shards_trained(shard_params, state.trainable)),
         opt_state=sharded(state.opt_state),
         rng=parallel.shardings(state.rng, mesh),
         adversary=parallel.shardings(state.adversary, mesh),
@@ -400,6 +407,7 @@ def make_erase_step(cfg, graphdef, schedule: NoiseSchedule, latent_shape, optimi
         if cfg.robust_every
         else None,
         text_graphdef=text_graphdef,
+        shard_params=cfg.shard_params,
     )
     return objective, step
 
@@ -438,6 +446,7 @@ def make_train_step(
     retain_weight: float = 1.0,
     robust: Robust | None = None,
     text_graphdef=None,
+    shard_params: bool = False,
 ) -> TrainStep:
     """The step of an erase run over `mesh` (TrainStep).
 
@@ -448,7 +457,9 @@ def make_train_step(
     rows are its erase pairs followed by as many retain pairs (interleaved), drawn as the erase pairs are
     but from retain_key, and the loss adds `retain_weight` x theirs. With `robust` (esd_jax.robust; the
     text encoder's graph `text_graphdef`), every robust.every steps `pairs` runs an inner attack against
-    the trained model for new prefixes, and `update` trains the erase rows under them as well.
+    the trained model for new prefixes, and `update` trains the erase rows under them as well. With
+    `shard_params` the trained weights come sharded (step_inputs), and the shard_maps gather each where
+    it is used, as they do the frozen ones.
     """
     devices = mesh.devices.size
     global_batch = batch_per_device * devices
@@ -461,6 +472,11 @@ def make_train_step(
         """How many of a device's b rows, the first, are erase rows (interleaved)."""
         return b // 2 if retains else b
 
+    def marked(trainable):
+        """The trained weights as the shard_maps take them: sharded ones marked to be gathered where used."""
+        sharded = shards_trained(shard_params, trainable)
+        return parallel.gathered_where_used(trainable, devices) if sharded else trainable
+
     def local_trained(trainable, original, frozen, prompts, x_t, t, prompt, target, adversary):
         cond = row_prompts(prompts, prompt)[1]
         retains = prompts.retain is not None
@@ -471,7 +487,7 @@ def make_train_step(
         (_, losses), grads = jax.value_and_grad(step_loss, has_aux=True)(
             trainable, original, frozen, graphdef, x_t, t, cond, target, retain_weight, retains, adversarial
         )
-        return jax.lax.pmean(losses, AXIS), jax.lax.pmean(grads, AXIS)
+        return jax.lax.pmean(losses, AXIS), parallel.mean_gradients(grads, devices)
 
     def local_attacked(trainable, frozen, original, prompts, adversary, x_t, t, prompt):
         erase = erase_rows(x_t.shape[0], prompts.retain is not None)
@@ -484,17 +500,18 @@ def make_train_step(
     def with_adversary(state: TrainState, frozen, original, prompts: Prompts, pairs: Pairs) -> Pairs:
         """`pairs` with the prefixes to train against: new ones from an inner attack every robust.every
         steps (counted from 0), else the state's."""
-        weights = parallel.local_specs(frozen), parallel.local_specs(original)
+        trainable = marked(state.trainable)
+        weights = parallel.local_specs(trainable), parallel.local_specs(frozen), parallel.local_specs(original)
         attack = jax.shard_map(
             local_attacked,
             mesh=mesh,
-            in_specs=(P(), *weights, P(), P(), batch, batch, batch),
+            in_specs=(*weights, P(), P(), batch, batch, batch),
             out_specs=(P(), P()),
             check_vma=False,
         )
         adversary, loss = jax.lax.cond(
             state.step % robust.every == 0,
-            lambda: attack(state.trainable, frozen, original, prompts, state.adversary, *rows_of(pairs)),
+            lambda: attack(trainable, frozen, original, prompts, state.adversary, *rows_of(pairs)),
             lambda: (state.adversary, jnp.float32(jnp.nan)),
         )
         return dataclasses.replace(pairs, adversary=adversary, attack_loss=loss)
@@ -534,31 +551,33 @@ def make_train_step(
         if prompts.retain is not None:
             rk, rp, rkeys = sample_draws(retain_key(state.rng), *draws, conditioning.count(prompts.retain))
             k, prompt, noise_keys = with_retained((k, prompt, noise_keys), (rk, rp + n, rkeys))
-        weights = parallel.local_specs(frozen), parallel.local_specs(original)
+        trainable = marked(state.trainable)
+        weights = parallel.local_specs(trainable), parallel.local_specs(frozen), parallel.local_specs(original)
         sampled = jax.shard_map(
             local_sampled,
             mesh=mesh,
-            in_specs=(P(), *weights, P(), batch, batch, batch),
+            in_specs=(*weights, P(), batch, batch, batch),
             out_specs=batch,
             check_vma=False,
         )
-        x_t, target = sampled(state.trainable, frozen, original, prompts, k, prompt, noise_keys)
+        x_t, target = sampled(trainable, frozen, original, prompts, k, prompt, noise_keys)
         return Pairs(x_t=x_t, target=target, prompt=prompt, k=k)
 
     # `original` is an argument of the update for LoRA runs, whose trained model is the frozen originals
     # plus the adapters; a full-weight run's update does not use it, and jit leaves it out of the program.
     @functools.partial(jax.jit, donate_argnums=(0,))
     def update(state: TrainState, frozen, original, prompts: Prompts, pairs: Pairs):
-        weights = parallel.local_specs(original), parallel.local_specs(frozen)
+        trainable = marked(state.trainable)
+        weights = parallel.local_specs(trainable), parallel.local_specs(original), parallel.local_specs(frozen)
         trained = jax.shard_map(
             local_trained,
             mesh=mesh,
-            in_specs=(P(), *weights, P(), batch, batch, batch, batch, P()),
-            out_specs=(P(), P()),
+            in_specs=(*weights, P(), batch, batch, batch, batch, P()),
+            out_specs=(P(), parallel.local_specs(trainable)),
             check_vma=False,
         )
         losses, grads = trained(
-            state.trainable,
+            trainable,
             original,
             frozen,
             prompts,
@@ -568,6 +587,7 @@ def make_train_step(
             pairs.target,
             pairs.adversary,
         )
+        grads = parallel.restructured(grads, state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = TrainState(state.step + 1, trainable, opt_state, state.rng, pairs.adversary)

@@ -79,6 +79,24 @@ def local_specs(state):
     return jax.tree.map(spec, state, is_leaf=is_variable)
 
 
+def mean_gradients(grads, n: int):
+    """The mesh's mean of each device's gradients, inside a shard_map. A parameter gathered where it is
+    used (its metadata `gather`) has its gradient summed over the devices into each device's shard already,
+    by the gather's transpose (a reduce-scatter), and is divided by n; the others are averaged here."""
+
+    def mean(g):
+        if is_variable(g) and g.get_metadata().get("gather") is not None:
+            return g.replace(g[...] / n)
+        return jax.lax.pmean(g, AXIS)
+
+    return jax.tree.map(mean, grads, is_leaf=is_variable)
+
+
+def restructured(tree, like):
+    """`tree`'s arrays in the structure of `like`: a tree marked by `gathered_where_used` as it was before."""
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(tree))
+
+
 def shardings(tree, mesh: Mesh, *, shard: bool = False):
     """The NamedSharding of every array of `tree` (arrays or ShapeDtypeStructs): replicated, or sharded
     FSDP-style when `shard`."""

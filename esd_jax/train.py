@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from esd_jax import checkpoints, conditioning, lora, parallel, run, weights
@@ -230,8 +231,10 @@ def erase_locked(cfg: EraseConfig, workdir: Path, main: bool, model_folder: Path
     if int(state.step) < cfg.iterations:
         print(f"stopped at step {int(state.step)} of {cfg.iterations} (SIGTERM); the same command resumes")
         return out
+    # Sharded trained weights (shard_params) come whole to every host first: every process takes part.
+    trained = multihost_utils.process_allgather(state.trainable, tiled=True)
     if main and cfg.lora_rank:
-        write_lora(lora.factors(state.trainable, kinds), out, "kohya")
+        write_lora(lora.factors(trained, kinds), out, "kohya")
     elif main:
-        write_delta(weights.torch_tensors(state.trainable, kinds), out)
+        write_delta(weights.torch_tensors(trained, kinds), out)
     return out

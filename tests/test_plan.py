@@ -184,6 +184,14 @@ def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached
         if "attn2" not in name
     )
     assert found.memory["frozen weights"] == frozen
+    # the trained weights too: float32, sharded alike, and Adam's two moments as they are
+    trained = sum(
+        4 * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
+        for name, p in torch_unet().named_parameters()
+        if "attn2" in name
+    )
+    assert found.memory["trained weights (esd-x)"] == trained
+    assert found.memory["optimizer state (Adam)"] == 2 * trained + 4
 
 
 def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, recipe_plan, monkeypatch, capsys):
