@@ -177,19 +177,18 @@ def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached
     assert found.memory["trajectory cache"] == cache
     assert pairs.argument_bytes > cache
     assert found.shares[2].times == pytest.approx(1 / 100) and found.shares[2].calls == 10
-    # bfloat16, each weight sharded over the 4 devices where a dimension divides by 4, else whole on each
-    frozen = sum(
-        2 * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
-        for name, p in torch_unet().named_parameters()
-        if "attn2" not in name
-    )
-    assert found.memory["frozen weights"] == frozen
-    # the trained weights too: float32, sharded alike, and Adam's two moments as they are
-    trained = sum(
-        4 * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
-        for name, p in torch_unet().named_parameters()
-        if "attn2" in name
-    )
+
+    # each weight sharded over the 4 devices where a dimension divides by 4, else whole on each
+    def per_device(itemsize: int, trained: bool) -> int:
+        return sum(
+            itemsize * p.numel() // (4 if any(d % 4 == 0 for d in p.shape) else 1)
+            for name, p in torch_unet().named_parameters()
+            if ("attn2" in name) == trained
+        )
+
+    assert found.memory["frozen weights"] == per_device(2, trained=False)  # bfloat16
+    # the trained weights too, float32, and Adam's two moments as they are
+    trained = per_device(4, trained=True)
     assert found.memory["trained weights (esd-x)"] == trained
     assert found.memory["optimizer state (Adam)"] == 2 * trained + 4
 

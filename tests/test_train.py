@@ -124,7 +124,7 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(sd1_folde
         erase(config(**settings(sd1_folder, tmp_path, iterations=6, frozen_dtype="bfloat16")))
 
 
-def test_sharded_frozen_weights_and_optimizer_state_give_the_same_weights(sd1_folder, reference_run, tmp_path):
+def test_sharded_weights_and_optimizer_state_give_the_same_weights(sd1_folder, reference_run, tmp_path):
     _, delta = reference_run
     sharded = load_file(erase(config(**settings(sd1_folder, tmp_path, shard_params=True))))
     for key in delta:
