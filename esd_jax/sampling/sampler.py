@@ -66,6 +66,19 @@ def initial_noise(seeds: jax.Array, indices: jax.Array, *, shape: tuple[int, int
     return jax.vmap(lambda s, i: jax.random.normal(jax.random.fold_in(jax.random.key(s), i), shape))(seeds, indices)
 
 
+def schedule_tables(scheduler: str, config: dict, steps: int):
+    """(the scheduler's schedule, the per-step tables its sampling loop reads), built on the host."""
+    if scheduler == "ddim":
+        schedule = NoiseSchedule.from_config(config)
+        return schedule, {"timesteps": schedule.timesteps(steps), "prev": schedule.prev_timesteps(steps)}
+    if scheduler == "euler":
+        schedule = EulerSchedule.from_config(config)
+        sigmas = {"sigmas": schedule.sigmas(steps), "init_noise_sigma": schedule.init_noise_sigma(steps)}
+        return schedule, {"timesteps": schedule.timesteps(steps), **sigmas}
+    schedule = DPMSolverSchedule.from_config(config)
+    return schedule, {"timesteps": schedule.timesteps(steps), "coefficients": schedule.coefficients(steps)}
+
+
 def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond, null) -> jax.Array:
     """The sampling loop from `latents` [B, C, H, W] (unit noise) under the conditioning `cond` [B, ...] and
     `null` (one prompt's) of esd_jax.conditioning.
@@ -84,20 +97,18 @@ def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond, null) -> 
         e_null, e_cond = e_null.astype(jnp.float32), e_cond.astype(jnp.float32)
         return e_null + settings.guidance * (e_cond - e_null)
 
+    schedule, tables = schedule_tables(settings.scheduler, config, settings.steps)
+    timesteps = jnp.asarray(tables["timesteps"])
     if settings.scheduler == "ddim":
-        schedule = NoiseSchedule.from_config(config)
-        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
-        prev = jnp.asarray(schedule.prev_timesteps(settings.steps))
+        prev = jnp.asarray(tables["prev"])
 
         def body(i, carry):
             x, unused = carry
             return ddim_step(schedule, model(x, timesteps[i]), timesteps[i], prev[i], x), unused
 
     elif settings.scheduler == "euler":
-        schedule = EulerSchedule.from_config(config)
-        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
-        sigmas = jnp.asarray(schedule.sigmas(settings.steps))
-        latents = latents * schedule.init_noise_sigma(settings.steps)
+        sigmas = jnp.asarray(tables["sigmas"])
+        latents = latents * tables["init_noise_sigma"]
 
         def body(i, carry):
             x, unused = carry
@@ -105,9 +116,7 @@ def denoise(unet, settings: SamplerSettings, latents: jax.Array, cond, null) -> 
             return euler_step(schedule, sigmas, eps, i, x), unused
 
     else:
-        schedule = DPMSolverSchedule.from_config(config)
-        timesteps = jnp.asarray(schedule.timesteps(settings.steps))
-        coefficients = jnp.asarray(schedule.coefficients(settings.steps))
+        coefficients = jnp.asarray(tables["coefficients"])
 
         def body(i, carry):
             x, x0_prev = carry
@@ -182,12 +191,7 @@ class Sampler:
             zero_null=pipe.zero_null,
         )
         # Build the schedule now, so an unsupported config or step count fails before any compiling.
-        if scheduler == "ddim":
-            NoiseSchedule.from_config(pipe.scheduler_config).timesteps(steps)
-        elif scheduler == "euler":
-            EulerSchedule.from_config(pipe.scheduler_config).sigmas(steps)
-        else:
-            DPMSolverSchedule.from_config(pipe.scheduler_config).coefficients(steps)
+        schedule_tables(scheduler, pipe.scheduler_config, steps)
         n = self.mesh.devices.size
         if images is not None:
             batch_size = min(batch_size, max(images, 1))
