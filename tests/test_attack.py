@@ -157,6 +157,7 @@ def attack_args(erased_delta, out) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_attack_cli_writes_folders_a_report_that_recounts_and_resumes(erased_delta, tmp_path, capsys):
     out = tmp_path / "attack"
     args = attack_args(erased_delta, out)

@@ -121,6 +121,7 @@ def run(workdir, **overrides):
     return erase(toy_config(**(settings | overrides)))
 
 
+@pytest.mark.slow
 def test_a_short_robust_run_logs_its_losses(tmp_path):
     run(tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
