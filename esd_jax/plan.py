@@ -156,12 +156,12 @@ def compile_program(name: str, fn, *args, **kwargs) -> Compiled:
     )
 
 
-def compile_side_by_side(*programs: tuple) -> tuple[list[Compiled], float]:
+def compile_side_by_side(*programs: tuple) -> tuple[list[Compiled], float, float]:
     """(each (name, jitted function, arguments) compiled side by side, as train.erase compiles them; the
-    wall time of all)."""
-    began = time.perf_counter()
+    wall time of all; the CPU seconds of all, which other work on the host leaves about the same)."""
+    began, cpu = time.perf_counter(), time.process_time()
     compiled = side_by_side(compile_program, [(name, fn, *args) for name, fn, args in programs])
-    return compiled, time.perf_counter() - began
+    return compiled, time.perf_counter() - began, time.process_time() - cpu
 
 
 def placed(tree, shardings):
@@ -277,6 +277,7 @@ class Plan:
     memory: dict[str, int]  # the resident arrays of the run, by what they hold
     programs: list[Compiled]  # what the run compiles
     compile_seconds: float  # this host's wall time compiling them, side by side as a run does
+    compile_cpu_seconds: float  # the CPU seconds of it, all threads
     calls: list[Compiled]  # compiled by the plan alone, to count the loops
     shares: list[Share]  # of one iteration
     units: int  # iterations (or batches) in the run
@@ -358,6 +359,7 @@ class Plan:
             "units": self.units,
             "run_seconds": bound * self.units,
             "compile_seconds": self.compile_seconds,
+            "compile_cpu_seconds": self.compile_cpu_seconds,
             "counting": self.counting,
         }
 
@@ -401,7 +403,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
     n, b = cfg.ddim_steps, cfg.batch_per_device * cfg.rows_per_erase_pair
     if not cfg.trajectories:
         (pairs_fn, pairs_args), (update_fn, update_args) = step_fn.programs(state, frozen, original, prompts)
-        (pairs, update), seconds = compile_side_by_side(
+        (pairs, update), seconds, cpu = compile_side_by_side(
             ("erase step: training pairs (partial sampling)", pairs_fn, pairs_args),
             ("erase step: update (forward, backward, Adam)", update_fn, update_args),
         )
@@ -421,7 +423,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         cache = placed(cache, jax.tree.map(lambda _: NamedSharding(mesh, P(AXIS)), cache))
         memory["trajectory cache"] = per_device_bytes(cache)
         (pairs_fn, pairs_args), (update_fn, update_args) = step_fn.programs(state, frozen, original, prompts, cache)
-        (sample, pairs, update), seconds = compile_side_by_side(
+        (sample, pairs, update), seconds, cpu = compile_side_by_side(
             ("trajectory sampler", sampler, (original, frozen, prompts, state.rng, index)),
             ("erase step: training pairs (drawn from the cache)", pairs_fn, pairs_args),
             ("erase step: update (forward, backward, Adam)", update_fn, update_args),
@@ -444,7 +446,7 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         f"{cfg.dtype} compute, {cfg.frozen_dtype} frozen weights, "
         f"{'shard_params (FSDP)' if cfg.shard_params else 'replicated'}{fast}"
     )
-    return Plan(title, topo, memory, programs, seconds, [call], shares, cfg.iterations, "iteration", counting)
+    return Plan(title, topo, memory, programs, seconds, cpu, [call], shares, cfg.iterations, "iteration", counting)
 
 
 def plan_sample(
@@ -483,7 +485,9 @@ def plan_sample(
     times = None if pipe.time_ids() is None else replicated(jax.ShapeDtypeStruct((6,), jnp.float32), mesh)
     latents = jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=rows)
     statics = dict(graphdefs=graphdefs, settings=settings, mesh=mesh)
+    cpu = time.process_time()
     program = compile_program("sampler", generate_batch, states, ids, null_ids, times, latents, **statics)
+    cpu = time.process_time() - cpu
     memory = {
         "UNet weights": per_device_bytes(states[0]),
         "text encoder weights": per_device_bytes(states[2:]),
@@ -500,7 +504,7 @@ def plan_sample(
     )
     counting = f"the denoising loop's {steps} UNet calls of {per_call} rows per device"
     return Plan(
-        title, topo, memory, [program], program.seconds, [call], [share], 1, f"batch of {batch} images", counting
+        title, topo, memory, [program], program.seconds, cpu, [call], [share], 1, f"batch of {batch} images", counting
     )
 
 
@@ -564,7 +568,7 @@ def report(plan: Plan) -> str:
     each = ", ".join(f"{p.name} {p.seconds:.0f} s" for p in plan.programs)
     if len(plan.programs) > 1:
         each = f"{plan.compile_seconds:.0f} s, side by side as a run compiles them ({each})"
-    lines.append(f"compile on this host: {each}")
+    lines.append(f"compile on this host: {each}; {plan.compile_cpu_seconds:.0f} CPU seconds")
     return "\n".join(lines)
 
 

@@ -212,6 +212,7 @@ def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path
     found = json.loads(out.read_text())
     assert found["unit"] == "batch of 8 images" and found["fits"]  # 6 rounded up to the 4 devices
     assert found["unet_calls"][0]["name"] == "UNet call, batch 4"  # 2 images per device, guided
+    assert found["compile_cpu_seconds"] > 0
     assert "compile on this host: sampler" in capsys.readouterr().out
 
 
