@@ -3,6 +3,7 @@
     python scripts/plan_table.py                              # every row; resumes, skipping rows done
     python scripts/plan_table.py --only sd14                  # rows whose name contains "sd14"
     python scripts/plan_table.py --table                      # print the table of the rows done so far
+    python scripts/plan_table.py --table --doc                # and put it in docs/accelerators.md
 
 Each row is one `esd-jax plan` process (its compile time is its own) writing docs/plans/<row>.json; a row
 already there is kept, so a run stopped midway continues where it stopped. An SD-size plan compiles for
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from esd_jax.files import atomic_file
+
 MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd21": "stabilityai/stable-diffusion-2-1"}
 METHODS = {"esd-x": [], "esd-u": ["--config.shard_params=True"]}
 TOPOLOGIES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4", "v5e-16": "v5e:4x4"}
@@ -25,6 +28,8 @@ DTYPES = {
     "bfloat16": ["--config.dtype=bfloat16", "--config.frozen_dtype=bfloat16"],
 }
 CONFIG = Path(__file__).parents[1] / "configs" / "esd_x.py"
+DOC = Path(__file__).parents[1] / "docs" / "accelerators.md"
+MARKS = ("<!-- plan_table -->\n", "<!-- /plan_table -->\n")
 
 
 def rows():
@@ -72,16 +77,28 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def into_doc(text: str) -> None:
+    """The table between DOC's two MARKS, in place of the one there."""
+    doc = DOC.read_text()
+    begin, end = doc.index(MARKS[0]) + len(MARKS[0]), doc.index(MARKS[1])
+    with atomic_file(DOC) as tmp:
+        tmp.write_text(doc[:begin] + text + "\n" + doc[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "plans")
     parser.add_argument("--only", default="", help="run only the rows whose name contains this")
     parser.add_argument("--table", action="store_true", help="print the table of the rows done, run nothing")
+    parser.add_argument("--doc", action="store_true", help=f"also write the table into {DOC.name}, between its marks")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table:
         run(args.out, args.only)
-    print(table(args.out))
+    text = table(args.out)
+    print(text)
+    if args.doc:
+        into_doc(text)
 
 
 if __name__ == "__main__":
