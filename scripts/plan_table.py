@@ -27,8 +27,9 @@ DTYPES = {
     "float32": [],
     "bfloat16": ["--config.dtype=bfloat16", "--config.frozen_dtype=bfloat16"],
 }
-CONFIG = Path(__file__).parents[1] / "configs" / "esd_x.py"
-DOC = Path(__file__).parents[1] / "docs" / "accelerators.md"
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "configs" / "esd_x.py"
+DOC = ROOT / "docs" / "accelerators.md"
 MARKS = ("<!-- plan_table -->\n", "<!-- /plan_table -->\n")
 
 
@@ -87,7 +88,7 @@ def into_doc(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "docs" / "plans")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "plans")
     parser.add_argument("--only", default="", help="run only the rows whose name contains this")
     parser.add_argument("--table", action="store_true", help="print the table of the rows done, run nothing")
     parser.add_argument("--doc", action="store_true", help=f"also write the table into {DOC.name}, between its marks")
