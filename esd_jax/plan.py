@@ -14,6 +14,7 @@ added for the loop's other expected iterations (esd.expected_loop_calls).
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class Topology:
     chip: Chip
     chips: int
     hosts: int
+    libtpu_flags: str  # LIBTPU_INIT_ARGS: the TPU compiler's settings, which change what compiling costs
 
     @property
     def devices(self) -> int:
@@ -111,6 +113,7 @@ def topology(name: str) -> Topology:
         chip=CHIPS[kind],
         chips=len({tuple(d.coords) for d in devices}),
         hosts=len({d.process_index for d in devices}),
+        libtpu_flags=os.environ.get("LIBTPU_INIT_ARGS", ""),
     )
 
 
@@ -360,6 +363,7 @@ class Plan:
             "run_seconds": bound * self.units,
             "compile_seconds": self.compile_seconds,
             "compile_cpu_seconds": self.compile_cpu_seconds,
+            "libtpu_flags": self.topo.libtpu_flags,
             "counting": self.counting,
         }
 
@@ -569,6 +573,8 @@ def report(plan: Plan) -> str:
     if len(plan.programs) > 1:
         each = f"{plan.compile_seconds:.0f} s, side by side as a run compiles them ({each})"
     lines.append(f"compile on this host: {each}; {plan.compile_cpu_seconds:.0f} CPU seconds")
+    if topo.libtpu_flags:
+        lines.append(f"  with LIBTPU_INIT_ARGS={topo.libtpu_flags}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ against counts made without esd-jax: parameter bytes from the PyTorch model, FLO
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -191,6 +192,19 @@ def test_the_fast_mode_plans_sharded_bfloat16_weights_its_sampler_and_the_cached
     trained = per_device(4, trained=True)
     assert found.memory["trained weights (esd-x)"] == trained
     assert found.memory["optimizer state (Adam)"] == 2 * trained + 4
+
+
+def test_a_plan_names_the_tpu_compilers_flags(recipe_plan):
+    """LIBTPU_INIT_ARGS changes what compiling costs (docs/accelerators.md), so a plan keeps it beside the time."""
+    assert recipe_plan.topo.libtpu_flags == os.environ.get("LIBTPU_INIT_ARGS", "")
+
+    def with_flags(flags: str) -> plan.Plan:
+        return dataclasses.replace(recipe_plan, topo=dataclasses.replace(recipe_plan.topo, libtpu_flags=flags))
+
+    flags = "--xla_jf_convolution_performance_target=0.95"
+    assert plan.report(with_flags(flags)).splitlines()[-1] == f"  with LIBTPU_INIT_ARGS={flags}"
+    assert with_flags(flags).as_json()["libtpu_flags"] == flags
+    assert "LIBTPU_INIT_ARGS" not in plan.report(with_flags(""))
 
 
 def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, recipe_plan, monkeypatch, capsys):
