@@ -61,6 +61,18 @@ SHAPES = {
 }
 
 
+def pytest_configure(config):
+    """The suite's models are tiny, so compiling them is most of its time, and unoptimised CPU code
+    (LLVM -O0) compiles in about two thirds of it; every tolerance holds at either level. The slow set
+    (`-m slow`) keeps XLA's default level: its long loops, the toy's trainer and the attack's search,
+    run over twice as long unoptimised."""
+    import jax._src.xla_bridge as xla_bridge
+
+    assert not xla_bridge.backends_are_initialized(), "XLA reads XLA_FLAGS once, when its backends start"
+    if config.option.markexpr == "not slow":
+        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
+
 def perturb(module: torch.nn.Module, seed: int) -> None:
     """Randomises every parameter, norms included, so no default init (ones, zeros) hides a bug."""
     g = torch.Generator().manual_seed(seed)

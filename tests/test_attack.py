@@ -111,6 +111,7 @@ def searched(toy, erased_delta):
     return out
 
 
+@pytest.mark.slow
 def test_the_embedding_attack_lowers_the_erased_models_loss_on_concept_images(searched):
     attacker, evaluation = searched["attacker"], searched["attacker"].settings("embedding", TOKENS, 1, 0.01, 32)
     args = (searched["z0"], searched["rows"], searched["key"])
@@ -123,6 +124,7 @@ def test_the_embedding_attack_lowers_the_erased_models_loss_on_concept_images(se
     assert curve.shape == (4, 20)
 
 
+@pytest.mark.slow
 def test_the_search_is_deterministic_from_its_seed(searched):
     attacker = searched["attacker"]
     again = attacker.search(
@@ -131,6 +133,7 @@ def test_the_search_is_deterministic_from_its_seed(searched):
     np.testing.assert_allclose(np.asarray(again[0]), np.asarray(searched["embedding"][0]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_the_token_attack_gives_vocabulary_tokens_and_a_prompt_that_types_them(searched):
     tokenizer = searched["tokenizer"]
     tokens = np.asarray(searched["token"][1])

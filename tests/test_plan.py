@@ -271,6 +271,7 @@ def sdxl_configs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_sdxl_prompts_are_its_joined_states_pooled_text_and_time_ids(sdxl_configs):
     """Each SDXL prompt conditions on 16 tokens x (32 + 48) joined states, 32 pooled and 6 time ids; the
     carried SDXL base configs build diffusers' 2.57 B-parameter UNet."""

@@ -83,6 +83,7 @@ def predictions(s, trainable, pairs, cond) -> np.ndarray:
     )
 
 
+@pytest.mark.slow
 def test_the_inner_attack_runs_on_its_steps_and_brings_the_concept_back(robust_step):
     s = robust_step
     state = s["state"]
