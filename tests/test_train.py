@@ -404,6 +404,7 @@ def test_stray_arguments_and_unknown_commands_are_refused(capsys):
     assert err.count("\n") == 1 and "unknown command 'frobnicate'; choose one of erase" in err
 
 
+@pytest.mark.slow
 def test_the_fast_mode_resumes_to_the_weights_of_one_run(sd1_folder, tmp_path):
     """A cached run with retain prompts extended from 2 to 4 iterations equals 4 at once: the cache comes
     back from the seed. Its metrics hold both losses, and the k of its erase and retain rows."""
