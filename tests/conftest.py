@@ -64,8 +64,8 @@ SHAPES = {
 def pytest_configure(config):
     """The suite's models are tiny, so compiling them is most of its time, and unoptimised CPU code
     (LLVM -O0) compiles in about two thirds of it; every tolerance holds at either level. The slow set
-    (`-m slow`) keeps XLA's default level: its long loops, the toy's trainer and the attack's search,
-    run over twice as long unoptimised."""
+    (`-m slow`) keeps XLA's default level for its long loops: the attack's search ran 2.6 times as long
+    unoptimised."""
     import jax._src.xla_bridge as xla_bridge
 
     assert not xla_bridge.backends_are_initialized(), "XLA reads XLA_FLAGS once, when its backends start"
