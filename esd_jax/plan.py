@@ -38,6 +38,7 @@ from esd_jax.esd import (
     shares_the_loop,
     step_inputs,
 )
+from esd_jax.files import atomic_file
 from esd_jax.parallel import AXIS
 from esd_jax.partition import split_for_erase
 from esd_jax.pipeline import StableDiffusion, abstract_pipeline
@@ -604,6 +605,5 @@ def erase_changes(cfg: EraseConfig, topo: Topology) -> list[str]:
 
 
 def write_json(plan: Plan, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan.as_json(), indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(plan.as_json(), indent=2) + "\n")
