@@ -143,7 +143,18 @@ class Compiled:
 def compile_program(name: str, fn, *args, **kwargs) -> Compiled:
     began = time.perf_counter()
     traced = fn.trace(*args, **kwargs)
-    compiled = traced.lower().compile()
+    try:
+        compiled = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA's TPU compiler gives up when a program outgrows one of the chip's memories: HBM, VMEM, or
+        # the sync flags of its asynchronous copies and collectives (SDXL's ESD-u FSDP update on a v5e).
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(
+            f"does not fit: the TPU compiler cannot compile {name}: {str(e).splitlines()[0]} "
+            "A run would fail the same way: try another --topology, --config.method or a smaller "
+            "--config.resolution"
+        ) from None
     seconds = time.perf_counter() - began
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     return Compiled(

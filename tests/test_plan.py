@@ -219,6 +219,21 @@ def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, r
     assert "--config.frozen_dtype=bfloat16" in err[0] and "--config.shard_params=True" in err[0]
 
 
+def test_a_program_the_tpu_compiler_gives_up_on_is_one_line_and_a_non_zero_exit(configs_only, monkeypatch, capsys):
+    # the first line of what libtpu raised for SDXL's ESD-u update on v5e:2x4
+    xla = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space sflag."
+
+    def gives_up(lowered):
+        raise jax.errors.JaxRuntimeError(f"{xla}\n\nProgram sflag requirement 2.1K:")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", gives_up)
+    args = ["esd-jax", "plan", "--config", ESD_X, f"--config.model={configs_only}", "--config.concept=a"]
+    code = cli.main([*args, f"--topology={TOPOLOGY}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: does not fit: the TPU compiler cannot compile erase step") and xla in err[0]
+
+
 def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["--model", str(configs_only), "--topology", TOPOLOGY, "--batch_size", "6", "--steps", "5"]
