@@ -5,13 +5,15 @@
     python scripts/plan_table.py --table                      # print the table of the rows done so far
     python scripts/plan_table.py --table --doc                # and put it in docs/accelerators.md
 
-Each row is one `esd-jax plan` process (its compile time is its own) writing docs/plans/<row>.json; a row
-already there is kept, so a run stopped midway continues where it stopped. An SD-size plan compiles for
-minutes to tens of minutes on a 2-core host.
+Each row is one `esd-jax plan` process (its compile time is its own) writing docs/plans/<row>.json, or
+<row>.refused with plan's line where the TPU compiler refuses the program; a row already there is kept,
+so a run stopped midway continues where it stopped. An SD-size plan compiles for minutes to tens of
+minutes on a 2-core host.
 """
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,7 @@ ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
 DOC = ROOT / "docs" / "accelerators.md"
 MARKS = ("<!-- plan_table -->\n", "<!-- /plan_table -->\n")
+REFUSED = "error: does not fit: the TPU compiler cannot compile"  # esd_jax.plan.compile_program's line
 
 
 def rows():
@@ -51,15 +54,22 @@ def rows():
 
 def run(out: Path, only: str) -> None:
     for row, _, topology, flags in rows():
-        path = out / f"{row}.json"
-        if only not in row or path.exists():
+        path, refused = out / f"{row}.json", out / f"{row}.refused"
+        if only not in row or path.exists() or refused.exists():
             continue
         print(f"plan {row} ...", flush=True)
         command = ["esd-jax", "plan", *flags, "--config.concept=Van Gogh"]
         done = subprocess.run([*command, f"--topology={topology}", f"--json={path}"], capture_output=True, text=True)
         (out / f"{row}.log").write_text(done.stdout + done.stderr)
-        if not path.exists():
-            print(f"  failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}", flush=True)
+        if path.exists():
+            continue
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        # The TPU compiler's refusal is the row's answer and is kept; any other failure (the host's
+        # memory, say) is tried again next time.
+        if last.startswith(REFUSED):
+            with atomic_file(refused) as tmp:
+                tmp.write_text(last + "\n")
+        print(f"  failed: {last}", flush=True)
 
 
 def table(out: Path) -> str:
@@ -69,7 +79,9 @@ def table(out: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, (model, method, topology, dtype), _, _ in rows():
-        path = out / f"{row}.json"
+        path, refused = out / f"{row}.json", out / f"{row}.refused"
+        if refused.exists():
+            lines.append(f"| {model} | {method} | {topology} | {dtype} | {refusal(refused)} | | | | | |")
         if not path.exists():
             continue
         p = json.loads(path.read_text())
@@ -83,6 +95,15 @@ def table(out: Path) -> str:
             f"{p['compile_seconds']:.0f} | {cpu} |"
         )
     return "\n".join(lines)
+
+
+def refusal(path: Path) -> str:
+    """The table's cell for a row the TPU compiler refused: which of the chip's memories ran out."""
+    found = re.search(r"Ran out of memory in memory space (\w+)\. Used (\S+) of (\S+) ", path.read_text())
+    if found is None:
+        return f"**does not compile** ({path.name})"
+    space, used, has = found.groups()
+    return f"**does not compile**: the compiler's {space} memory, {used} of {has}"
 
 
 def into_doc(text: str) -> None:
