@@ -43,7 +43,7 @@ from esd_jax.parallel import AXIS
 from esd_jax.partition import split_for_erase
 from esd_jax.pipeline import StableDiffusion, abstract_pipeline
 from esd_jax.schedulers import NoiseSchedule
-from esd_jax.train import side_by_side
+from esd_jax.train import exhausted_as, side_by_side
 from esd_jax.trajectories import make_trajectory_sampler, padded_count
 
 GB = 1e9
@@ -143,18 +143,14 @@ class Compiled:
 def compile_program(name: str, fn, *args, **kwargs) -> Compiled:
     began = time.perf_counter()
     traced = fn.trace(*args, **kwargs)
-    try:
+    # XLA's TPU compiler gives up when a program outgrows one of the chip's memories: HBM, VMEM, or the
+    # sync flags of its asynchronous copies and collectives (SDXL's ESD-u FSDP update on a v5e).
+    refused = (
+        f"does not fit: the TPU compiler cannot compile {name}: {{xla}} A run would fail the same way: try "
+        "another --topology, --config.method or a smaller --config.resolution"
+    )
+    with exhausted_as(refused):
         compiled = traced.lower().compile()
-    except jax.errors.JaxRuntimeError as e:
-        # XLA's TPU compiler gives up when a program outgrows one of the chip's memories: HBM, VMEM, or
-        # the sync flags of its asynchronous copies and collectives (SDXL's ESD-u FSDP update on a v5e).
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise UserError(
-            f"does not fit: the TPU compiler cannot compile {name}: {str(e).splitlines()[0]} "
-            "A run would fail the same way: try another --topology, --config.method or a smaller "
-            "--config.resolution"
-        ) from None
     seconds = time.perf_counter() - began
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     return Compiled(

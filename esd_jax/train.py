@@ -59,16 +59,24 @@ def erase(cfg: EraseConfig) -> Path:
     main = parallel.is_main_process()
     model_folder = locate(cfg.model)
     run.check_apart_from_model(workdir, model_folder)
-    with run.locked(workdir) if main else contextlib.nullcontext():
-        try:
-            return erase_locked(cfg, workdir, main, model_folder)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            raise UserError(
-                f"out of device memory at batch_per_device={cfg.batch_per_device}, resolution={cfg.resolution} "
-                "(0: native); lower them, or set shard_params=True on several devices"
-            ) from None
+    out_of_memory = (
+        f"out of device memory at batch_per_device={cfg.batch_per_device}, resolution={cfg.resolution} "
+        "(0: native); lower them, or set shard_params=True on several devices"
+    )
+    with run.locked(workdir) if main else contextlib.nullcontext(), exhausted_as(out_of_memory):
+        return erase_locked(cfg, workdir, main, model_folder)
+
+
+@contextlib.contextmanager
+def exhausted_as(message: str):
+    """XLA's RESOURCE_EXHAUSTED (a device memory ran out, compiling or running) as UserError(message), with
+    "{xla}" in it replaced by the first line of XLA's."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(message.replace("{xla}", str(e).splitlines()[0])) from None
 
 
 def side_by_side(work, items: list[tuple]) -> list:
