@@ -221,7 +221,10 @@ def test_a_run_that_does_not_fit_is_one_line_and_a_non_zero_exit(configs_only, r
 
 def test_a_program_the_tpu_compiler_gives_up_on_is_one_line_and_a_non_zero_exit(configs_only, monkeypatch, capsys):
     # the first line of what libtpu raised for SDXL's ESD-u update on v5e:2x4
-    xla = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space sflag."
+    xla = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space sflag. "
+        "Used 2.1K of 2.0K sflag. Exceeded sflag capacity by 92B."
+    )
 
     def gives_up(lowered):
         raise jax.errors.JaxRuntimeError(f"{xla}\n\nProgram sflag requirement 2.1K:")
