@@ -47,6 +47,7 @@ from esd_jax.train import exhausted_as, side_by_side
 from esd_jax.trajectories import make_trajectory_sampler, padded_count
 
 GB = 1e9
+REFUSED = "does not fit: the TPU compiler cannot compile"  # how the line for a refused program begins
 GiB = 2**30
 
 
@@ -146,8 +147,8 @@ def compile_program(name: str, fn, *args, **kwargs) -> Compiled:
     # XLA's TPU compiler gives up when a program outgrows one of the chip's memories: HBM, VMEM, or the
     # sync flags of its asynchronous copies and collectives (SDXL's ESD-u FSDP update on a v5e).
     refused = (
-        f"does not fit: the TPU compiler cannot compile {name}: {{xla}} A run would fail the same way: try "
-        "another --topology, --config.method or a smaller --config.resolution"
+        f"{REFUSED} {name}: {{xla}} A run would fail the same way: try another --topology, --config.method or "
+        "a smaller --config.resolution"
     )
     with exhausted_as(refused):
         compiled = traced.lower().compile()

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from esd_jax.files import atomic_file
+from esd_jax.plan import REFUSED
 
 # Each model's config and flags. SDXL's own config shards the weights for both methods (its esd-x,
 # replicated, misses a v5e chip by 0.16 GiB) and plans 1024 px.
@@ -39,7 +40,6 @@ ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
 DOC = ROOT / "docs" / "accelerators.md"
 MARKS = ("<!-- plan_table -->\n", "<!-- /plan_table -->\n")
-REFUSED = "error: does not fit: the TPU compiler cannot compile"  # esd_jax.plan.compile_program's line
 
 
 def rows():
@@ -66,7 +66,7 @@ def run(out: Path, only: str) -> None:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         # The TPU compiler's refusal is the row's answer and is kept; any other failure (the host's
         # memory, say) is tried again next time.
-        if last.startswith(REFUSED):
+        if last.startswith(f"error: {REFUSED}"):
             with atomic_file(refused) as tmp:
                 tmp.write_text(last + "\n")
         print(f"  failed: {last}", flush=True)
