@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -176,6 +178,13 @@ def compile_side_by_side(*programs: tuple) -> tuple[list[Compiled], float, float
     return compiled, time.perf_counter() - began, time.process_time() - cpu
 
 
+def host_peak_bytes() -> int:
+    """This process's peak resident memory on the host so far: a plan's is its compiles', which an
+    SDXL-size program takes to tens of GB (a 24 GiB host runs out on some)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def placed(tree, shardings):
     """ShapeDtypeStructs of `tree` (arrays or shapes) with `shardings`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -295,6 +304,7 @@ class Plan:
     units: int  # iterations (or batches) in the run
     unit: str  # "iteration" or "batch of N images"
     counting: str  # how the UNet calls per iteration were counted
+    host_bytes: int  # the plan process's peak resident memory on this host: its compiles'
 
     @property
     def peak_bytes(self) -> int:
@@ -372,6 +382,7 @@ class Plan:
             "run_seconds": bound * self.units,
             "compile_seconds": self.compile_seconds,
             "compile_cpu_seconds": self.compile_cpu_seconds,
+            "host_peak_bytes": self.host_bytes,
             "libtpu_flags": self.topo.libtpu_flags,
             "counting": self.counting,
         }
@@ -459,7 +470,10 @@ def plan_erase(cfg: EraseConfig, topology_name: str) -> Plan:
         f"{cfg.dtype} compute, {cfg.frozen_dtype} frozen weights, "
         f"{'shard_params (FSDP)' if cfg.shard_params else 'replicated'}{fast}"
     )
-    return Plan(title, topo, memory, programs, seconds, cpu, [call], shares, cfg.iterations, "iteration", counting)
+    host = host_peak_bytes()
+    return Plan(
+        title, topo, memory, programs, seconds, cpu, [call], shares, cfg.iterations, "iteration", counting, host
+    )
 
 
 def plan_sample(
@@ -516,9 +530,8 @@ def plan_sample(
         f"{batch} images per batch over {devices} devices, {dtype}"
     )
     counting = f"the denoising loop's {steps} UNet calls of {per_call} rows per device"
-    return Plan(
-        title, topo, memory, [program], program.seconds, cpu, [call], [share], 1, f"batch of {batch} images", counting
-    )
+    unit, host = f"batch of {batch} images", host_peak_bytes()
+    return Plan(title, topo, memory, [program], program.seconds, cpu, [call], [share], 1, unit, counting, host)
 
 
 def size(n: float) -> str:
@@ -581,7 +594,10 @@ def report(plan: Plan) -> str:
     each = ", ".join(f"{p.name} {p.seconds:.0f} s" for p in plan.programs)
     if len(plan.programs) > 1:
         each = f"{plan.compile_seconds:.0f} s, side by side as a run compiles them ({each})"
-    lines.append(f"compile on this host: {each}; {plan.compile_cpu_seconds:.0f} CPU seconds")
+    lines.append(
+        f"compile on this host: {each}; {plan.compile_cpu_seconds:.0f} CPU seconds, "
+        f"{size(plan.host_bytes)} of its memory at the peak"
+    )
     if topo.libtpu_flags:
         lines.append(f"  with LIBTPU_INIT_ARGS={topo.libtpu_flags}")
     return "\n".join(lines)

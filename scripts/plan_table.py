@@ -14,6 +14,7 @@ minutes on a 2-core host.
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def run(out: Path, only: str) -> None:
         if path.exists():
             continue
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if done.returncode < 0:  # SIGKILL: most often the kernel's, for want of host memory
+            last = f"killed by {signal.Signals(-done.returncode).name} (the host's memory? see dmesg): {last}"
         # The TPU compiler's refusal is the row's answer and is kept; any other failure (the host's
         # memory, say) is tried again next time.
         if last.startswith(f"error: {REFUSED}"):

@@ -237,15 +237,25 @@ def test_a_program_the_tpu_compiler_gives_up_on_is_one_line_and_a_non_zero_exit(
     assert err[0].startswith("error: does not fit: the TPU compiler cannot compile erase step") and xla in err[0]
 
 
+def host_memory_kib(field: str) -> int:
+    """A memory figure of this process as Linux counts it (/proc/self/status, in KiB)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
+    return int(line.split()[1])
+
+
 def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["--model", str(configs_only), "--topology", TOPOLOGY, "--batch_size", "6", "--steps", "5"]
+    resident = host_memory_kib("VmRSS")
     assert cli.main(["esd-jax", "plan", "sample", *args, "--json", str(out)]) == 0
     found = json.loads(out.read_text())
     assert found["unit"] == "batch of 8 images" and found["fits"]  # 6 rounded up to the 4 devices
     assert found["unet_calls"][0]["name"] == "UNet call, batch 4"  # 2 images per device, guided
     assert found["compile_cpu_seconds"] > 0
-    assert "compile on this host: sampler" in capsys.readouterr().out
+    # the host's peak so far, in bytes: at least what the process held before, at most the kernel's peak since
+    assert resident * 1024 <= found["host_peak_bytes"] <= host_memory_kib("VmHWM") * 1024
+    gib = found["host_peak_bytes"] / 2**30
+    assert f"CPU seconds, {gib:.2f} GiB of its memory at the peak" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
