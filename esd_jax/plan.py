@@ -304,7 +304,7 @@ class Plan:
     units: int  # iterations (or batches) in the run
     unit: str  # "iteration" or "batch of N images"
     counting: str  # how the UNet calls per iteration were counted
-    host_bytes: int  # the plan process's peak resident memory on this host: its compiles'
+    host_peak_bytes: int  # the plan process's peak resident memory on this host: its compiles'
 
     @property
     def peak_bytes(self) -> int:
@@ -382,7 +382,7 @@ class Plan:
             "run_seconds": bound * self.units,
             "compile_seconds": self.compile_seconds,
             "compile_cpu_seconds": self.compile_cpu_seconds,
-            "host_peak_bytes": self.host_bytes,
+            "host_peak_bytes": self.host_peak_bytes,
             "libtpu_flags": self.topo.libtpu_flags,
             "counting": self.counting,
         }
@@ -596,7 +596,7 @@ def report(plan: Plan) -> str:
         each = f"{plan.compile_seconds:.0f} s, side by side as a run compiles them ({each})"
     lines.append(
         f"compile on this host: {each}; {plan.compile_cpu_seconds:.0f} CPU seconds, "
-        f"{size(plan.host_bytes)} of its memory at the peak"
+        f"{size(plan.host_peak_bytes)} of its memory at the peak"
     )
     if topo.libtpu_flags:
         lines.append(f"  with LIBTPU_INIT_ARGS={topo.libtpu_flags}")
