@@ -254,8 +254,9 @@ def test_plan_sample_compiles_the_sampler_and_writes_json(configs_only, tmp_path
     assert found["compile_cpu_seconds"] > 0
     # the host's peak so far, in bytes: at least what the process held before, at most the kernel's peak since
     assert resident * 1024 <= found["host_peak_bytes"] <= host_memory_kib("VmHWM") * 1024
-    gib = found["host_peak_bytes"] / 2**30
-    assert f"CPU seconds, {gib:.2f} GiB of its memory at the peak" in capsys.readouterr().out
+    printed, gib = capsys.readouterr().out, found["host_peak_bytes"] / 2**30
+    assert "compile on this host: sampler" in printed
+    assert f"CPU seconds, {gib:.2f} GiB of its memory at the peak" in printed
 
 
 @pytest.mark.parametrize(
